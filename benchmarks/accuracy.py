@@ -1,0 +1,118 @@
+"""Accuracy on real data: fit on source classes, evaluate on unseen target classes.
+
+Runs the two class-generalisation splits of the industrial set (or the ones given), each with
+``inspector train`` then ``inspector eval`` semantics, and writes per split the artifact's card,
+the evaluation report and plots, and a summary (JSON and Markdown) naming the machine and commit.
+
+    python benchmarks/accuracy.py --data ../shared/data/industrial \
+        --weights ../shared/weights/resnet18-imagenet1k-l1-l3.safetensors --out benchmarks/results/accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from inspector.artifact import load_artifact
+from inspector.cli import format_summary
+from inspector.model import ModelConfig
+from trainer.calibrate import CalibrationConfig
+from trainer.evaluate import EvalConfig, evaluate
+from trainer.fit import FitConfig
+from trainer.train import TrainConfig, train
+
+SPLITS = {
+    "A": (("magnetic_tile", "ball_screw", "commutator"), ("pcb", "solar_cell")),
+    "B": (("pcb", "solar_cell", "commutator"), ("magnetic_tile", "ball_screw")),
+}
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "platform": platform.platform(),
+    }
+
+
+def commit() -> str:
+    """The repository's HEAD commit, with ``-dirty`` when the tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
+    source, target = SPLITS[name]
+    out = Path(args.out) / f"split{name}"
+    cfg = TrainConfig(
+        data=args.data, classes=source, weights=args.weights, images_per_class=args.images_per_class,
+        fit=FitConfig(steps=args.steps), calibration=CalibrationConfig(),
+    )
+    t0 = time.perf_counter()
+    card = train(ModelConfig(), cfg, Path(args.runs) / f"split{name}" / "model", Path(args.runs) / f"split{name}" / "work",
+                 resume=not args.no_resume, progress=not args.quiet)
+    fit_seconds = time.perf_counter() - t0
+    model, card = load_artifact(Path(args.runs) / f"split{name}" / "model")
+    t1 = time.perf_counter()
+    report = evaluate(model, card, args.data, target, EvalConfig(draws=args.draws), out, progress=not args.quiet)
+    (out / "card.json").write_text(card.to_json())
+    summary = {"split": name, "source": source, "target": target, "fit_seconds": round(fit_seconds, 1),
+               "eval_seconds": round(time.perf_counter() - t1, 1), "table": format_summary(report)}
+    print(f"== split {name}: fit on {source}, evaluate on {target}\n{summary['table']}", flush=True)
+    return summary
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/industrial")
+    p.add_argument("--weights", default="../shared/weights/resnet18-imagenet1k-l1-l3.safetensors")
+    p.add_argument("--out", default="benchmarks/results/accuracy")
+    p.add_argument("--runs", default="runs/accuracy", help="artifacts and checkpoints (not committed)")
+    p.add_argument("--splits", default="A,B")
+    p.add_argument("--steps", type=int, default=FitConfig.steps)
+    p.add_argument("--images-per-class", type=int, default=TrainConfig.images_per_class)
+    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    for path in (args.data, args.weights):
+        if not Path(path).exists():
+            print(f"error: {path} not found (this benchmark needs the shared data and weights)", file=sys.stderr)
+            return 2
+    results = [run_split(s.strip(), args) for s in args.splits.split(",")]
+    record = {"machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "settings": {"steps": args.steps, "images_per_class": args.images_per_class, "draws": args.draws,
+                           "model": dataclasses.asdict(ModelConfig())},
+              "splits": results}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps(record, indent=2))
+    lines = [f"# Accuracy, {record['date']}", "", f"machine: {record['machine']}", f"commit: {record['commit']}", ""]
+    for r in results:
+        lines += [f"## Split {r['split']}: fit on {', '.join(r['source'])}; unseen {', '.join(r['target'])}",
+                  f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s", "", "```", r["table"], "```", ""]
+    (Path(args.out) / "summary.md").write_text("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

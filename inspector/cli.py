@@ -1,0 +1,214 @@
+"""``inspector``: one thin command line for training, evaluation and the demo.
+
+Each command parses, builds, calls and prints; the logic lives in ``inspector`` and ``trainer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_WEIGHTS_ENV = "INSPECTOR_BACKBONE_WEIGHTS"
+SHARED_WEIGHTS = Path("shared/weights/resnet18-imagenet1k-l1-l3.safetensors")
+
+
+def find_weights(explicit: str | None) -> str | None:
+    """The backbone weights file: the flag, the environment, or ``../shared/weights`` if present."""
+    if explicit:
+        return explicit
+    if os.environ.get(DEFAULT_WEIGHTS_ENV):
+        return os.environ[DEFAULT_WEIGHTS_ENV]
+    for base in (Path.cwd(), *Path.cwd().parents[:2]):
+        candidate = base / SHARED_WEIGHTS
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inspector", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub.add_parser("train", help="fit a model on source classes and write an artifact"))
+    _add_eval(sub.add_parser("eval", help="evaluate an artifact on unseen target classes"))
+    _add_synth(sub.add_parser("synth", help="write a synthetic MVTec-layout dataset"))
+    _add_demo(sub.add_parser("demo", help="end to end on generated data: synth, train, eval"))
+    return parser
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="MVTec-layout root")
+    p.add_argument("--classes", required=True, help="comma-separated source classes")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--weights", help=f"backbone safetensors (default: ${DEFAULT_WEIGHTS_ENV} or ../shared/weights)")
+    p.add_argument("--random-backbone", action="store_true", help="allow random backbone weights")
+    p.add_argument("--workdir", help="checkpoints and logs (default: <out>.work)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--steps", type=int, help="flow training steps")
+    p.add_argument("--batch", type=int, help="query images per step")
+    p.add_argument("--images-per-class", type=int, help="normal images loaded per class")
+    p.add_argument("--input-size", type=int, help="model input size S")
+    p.add_argument("--shots", type=int, help="reference shots per product")
+    p.add_argument("--coreset", type=int, help="cap on bank vectors per level")
+    p.add_argument("--calibration", choices=("cada", "bank", "none"), help="shipped calibration mode")
+    p.add_argument("--target-frr", type=float, help="false-reject rate the threshold is set at")
+    p.add_argument("--cada-epochs", type=int, help="CADA head epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--classes", required=True, help="comma-separated target classes")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--draws", type=int, default=3, help="random draws of shots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pixel-metrics", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_synth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", default="tiles,rings,weave")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--train", type=int, default=30, help="good training images per class")
+    p.add_argument("--test", type=int, default=10, help="good and defect test images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="inspector-demo", help="folder for data, model and report")
+    p.add_argument("--weights", help="backbone safetensors (found automatically if present)")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--quiet", action="store_true")
+
+
+def model_config_from(args: argparse.Namespace):
+    """The model configuration with the flags that were given applied."""
+    from .model import ModelConfig
+
+    cfg = ModelConfig()
+    if args.input_size:
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=args.input_size))
+    bank = {k: v for k, v in (("shots", args.shots), ("coreset", args.coreset)) if v is not None}
+    if bank:
+        cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, **bank))
+    if args.calibration:
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, calibration=args.calibration))
+    return cfg
+
+
+def train_config_from(args: argparse.Namespace, weights: str | None):
+    """The training configuration with the flags that were given applied."""
+    from trainer.calibrate import CalibrationConfig
+    from trainer.fit import FitConfig
+    from trainer.train import TrainConfig, parse_classes
+
+    fit = FitConfig(seed=args.seed)
+    fit = dataclasses.replace(fit, **{k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v})
+    cal = CalibrationConfig(seed=args.seed)
+    if args.target_frr is not None:
+        cal = dataclasses.replace(cal, target_false_reject_rate=args.target_frr)
+    if args.cada_epochs:
+        cal = dataclasses.replace(cal, epochs=args.cada_epochs)
+    extra = {"images_per_class": args.images_per_class} if args.images_per_class else {}
+    return TrainConfig(
+        data=args.data, classes=parse_classes(args.classes), weights=weights,
+        seed=args.seed, fit=fit, calibration=cal, **extra,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.train import train
+
+    weights = find_weights(args.weights)
+    if weights is None and not args.random_backbone:
+        print("error: no backbone weights found; pass --weights FILE, set "
+              f"${DEFAULT_WEIGHTS_ENV}, or pass --random-backbone to fit on random features",
+              file=sys.stderr)
+        return 2
+    if weights is None:
+        print("warning: backbone has RANDOM weights (--random-backbone); detection will be poor",
+              file=sys.stderr)
+    cfg = train_config_from(args, weights)
+    workdir = args.workdir or f"{args.out}.work"
+    card = train(model_config_from(args), cfg, args.out, workdir, resume=not args.no_resume, progress=not args.quiet)
+    t = card.training
+    print(f"artifact {args.out} model {card.model_id}")
+    print(f"  source classes {', '.join(t['source_classes'])}; backbone weights {card.backbone['weights_sha256'] or 'RANDOM'}")
+    print(f"  thresholds at FRR {card.false_reject_rate}: " + ", ".join(f"{m} {v:.3f}" for m, v in t["thresholds"].items()))
+    print(f"  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t["seconds"].items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import EvalConfig, evaluate
+    from trainer.train import parse_classes
+
+    from .artifact import load_artifact
+
+    model, card = load_artifact(args.artifact)
+    cfg = EvalConfig(draws=args.draws, seed=args.seed, pixel_metrics=not args.no_pixel_metrics)
+    report = evaluate(model, card, args.data, parse_classes(args.classes), cfg, args.out, progress=not args.quiet)
+    print(format_summary(report))
+    print(f"report: {Path(args.out) / 'report.json'}  plots: {Path(args.out) / 'index.html'}")
+    return 0
+
+
+def format_summary(report: dict) -> str:
+    """A table: per mode, class-separated mean and mixed image AUROC, pixel AUROC, AUPRO."""
+    s = report["summary"]
+    lines = [
+        f"targets {', '.join(report['target_classes'])}; {report['shots']} shots; "
+        f"{report['config']['draws']} draws; routing accuracy {s['routing_accuracy']['mean']:.3f}",
+        f"{'mode':<10}{'img AUROC sep':>15}{'img AUROC mixed':>17}{'pix AUROC':>11}{'AUPRO':>8}{'FRR':>7}{'escape':>8}",
+    ]
+    for mode in ("cada", "bank", "none", "baseline"):
+        sep, mix = s[mode]["class_separated_mean"], s[mode]["mixed"]
+        get = lambda d, k: f"{d[k]['mean']:.3f}" if k in d and d[k]["mean"] == d[k]["mean"] else "-"  # noqa: E731
+        lines.append(
+            f"{mode:<10}{get(sep, 'image_auroc'):>15}{get(mix, 'image_auroc'):>17}"
+            f"{get(sep, 'pixel_auroc'):>11}{get(sep, 'aupro'):>8}"
+            f"{get(mix, 'false_reject_rate'):>7}{get(mix, 'escape_rate'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from trainer.synthetic import generate_dataset
+    from trainer.train import parse_classes
+
+    root = generate_dataset(
+        args.out, classes=parse_classes(args.classes), n_train=args.train, n_test_good=args.test,
+        n_test_defect=args.test, size=args.size, seed=args.seed, overwrite=args.overwrite,
+    )
+    print(f"synthetic dataset written to {root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), find_weights(args.weights), args.steps, progress=not args.quiet)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

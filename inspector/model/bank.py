@@ -1,0 +1,160 @@
+"""Reference banks as tensors: per-product shots, prototypes, coreset and padded stacking.
+
+A product's bank is every position of its k shots, per level, L2-normalised and stored in fp16
+(ResAD section 3.2). Banks enter the model's ``forward`` as tensors stacked over products and
+padded to a fixed capacity by repeating real vectors, which can never change a nearest-neighbour
+maximum, so a bank change needs no recompilation (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+BANK_DTYPE = torch.float16
+
+
+class BankTensors(NamedTuple):
+    """Stacked banks of ``P`` products, the model's second input.
+
+    Attributes:
+        features: per level ``(P, N_l, C_l)`` fp16, L2-normalised, padded to capacity ``N_l``.
+        prototypes: ``(P, C_last)`` float32 unit vectors for routing.
+        stats: ``(P, 2)`` float32 bank-mode normal map ``(u, gamma)`` per product.
+    """
+
+    features: tuple[torch.Tensor, ...]
+    prototypes: torch.Tensor
+    stats: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ProductBank:
+    """One product's reference bank.
+
+    Attributes:
+        features: per level ``(N_l, C_l)`` fp16 unit vectors.
+        prototype: ``(C_last,)`` float32 unit vector.
+        stats: ``(2,)`` float32 bank-mode ``(u, gamma)``; NaN until measured.
+    """
+
+    features: tuple[torch.Tensor, ...]
+    prototype: torch.Tensor
+    stats: torch.Tensor
+
+    def with_stats(self, u: float, gamma: float) -> "ProductBank":
+        """A copy carrying bank-mode statistics."""
+        return ProductBank(self.features, self.prototype, torch.tensor([u, gamma]))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the bank's tensors."""
+        tensors = (*self.features, self.prototype, self.stats)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def position_vectors(level: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` features -> ``(B, H*W, C)`` unit vectors (float32)."""
+    return F.normalize(level.float().flatten(2).transpose(1, 2), dim=-1)
+
+
+def prototype_of(level: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled unit level features of ``(B, C, H, W)`` -> ``(B, C)`` unit vectors."""
+    return F.normalize(position_vectors(level).mean(1), dim=-1)
+
+
+def build_bank(
+    features: Sequence[torch.Tensor], coreset: int | None = None, seed: int = 0
+) -> ProductBank:
+    """Build a product bank from the backbone features of its k shots.
+
+    Args:
+        features: per level ``(k, C, H, W)`` backbone features of the shots.
+        coreset: cap on vectors per level (greedy k-center); ``None`` keeps all.
+        seed: picks the coreset's first centre.
+    """
+    levels = []
+    for level in features:
+        vectors = position_vectors(level).reshape(-1, level.shape[1])  # (k*H*W, C)
+        if coreset is not None and vectors.shape[0] > coreset:
+            vectors = vectors[greedy_k_center(vectors, coreset, seed)]
+        levels.append(vectors.to(BANK_DTYPE).contiguous())
+    proto = F.normalize(prototype_of(features[-1]).mean(0), dim=0)
+    return ProductBank(tuple(levels), proto, torch.full((2,), float("nan")))
+
+
+def greedy_k_center(vectors: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``count`` vectors chosen by greedy farthest-point (k-center) selection."""
+    gen = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(vectors.shape[0], (1,), generator=gen))
+    chosen = torch.empty(count, dtype=torch.long)
+    chosen[0] = first
+    dist = (vectors - vectors[first]).pow(2).sum(1)
+    for i in range(1, count):
+        nxt = int(dist.argmax())
+        chosen[i] = nxt
+        dist = torch.minimum(dist, (vectors - vectors[nxt]).pow(2).sum(1))
+    return chosen
+
+
+def stack_banks(
+    banks: Sequence[ProductBank], capacity: Sequence[int] | None = None
+) -> BankTensors:
+    """Stack product banks, padding each level to ``capacity`` by repeating real vectors.
+
+    Args:
+        banks: at least one product bank; all must have the same levels and channels.
+        capacity: vectors per level; defaults to the largest bank's count per level.
+    """
+    if not banks:
+        raise ValueError("at least one product bank is needed")
+    n_levels = len(banks[0].features)
+    if capacity is None:
+        capacity = [max(b.features[l].shape[0] for b in banks) for l in range(n_levels)]
+    stacked = []
+    for l in range(n_levels):
+        rows = []
+        for b in banks:
+            n = b.features[l].shape[0]
+            if n > capacity[l]:
+                raise ValueError(f"level {l} bank has {n} vectors, over capacity {capacity[l]}")
+            rows.append(b.features[l][torch.arange(capacity[l]) % n])
+        stacked.append(torch.stack(rows))
+    protos = torch.stack([b.prototype for b in banks])
+    stats = torch.stack([b.stats.float() for b in banks])
+    return BankTensors(tuple(stacked), protos, stats)
+
+
+def nearest_neighbours(
+    queries: torch.Tensor, bank: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine nearest neighbour of each query among the bank, by chunked batched matmul.
+
+    Never forms a ``(B, Q, N, C)`` broadcast; peak memory is ``B * Q * chunk`` similarities.
+
+    Args:
+        queries: ``(B, Q, C)`` unit vectors.
+        bank: ``(B, N, C)`` unit vectors (any float dtype).
+        chunk: bank vectors per matmul.
+
+    Returns:
+        ``(similarity, match)``: ``(B, Q)`` best cosine and ``(B, Q, C)`` matched vectors.
+    """
+    bank = bank.to(queries.dtype)
+    best_sim, best_idx = None, None
+    for start in range(0, bank.shape[1], chunk):
+        sims = torch.bmm(queries, bank[:, start : start + chunk].transpose(1, 2))  # (B, Q, n)
+        sim, idx = sims.max(dim=2)
+        idx = idx + start
+        if best_sim is None:
+            best_sim, best_idx = sim, idx
+        else:
+            better = sim > best_sim
+            best_sim = torch.where(better, sim, best_sim)
+            best_idx = torch.where(better, idx, best_idx)
+    channels = queries.shape[2]
+    match = torch.gather(bank, 1, best_idx.unsqueeze(-1).expand(-1, -1, channels))
+    return best_sim, match

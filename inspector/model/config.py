@@ -1,0 +1,121 @@
+"""Frozen configuration of the inspection model, one dataclass per stage.
+
+The configuration travels inside the model card (see ``inspector.artifact``), so every consumer
+reads input size, normalisation, levels and flow shape from the artifact, never from literals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CALIBRATION_MODES = ("cada", "bank", "none")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen feature extractor (DESIGN section 4, backbone row)."""
+
+    name: str = "resnet18"
+    out_indices: tuple[int, ...] = (1, 2, 3)
+    input_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """Reference bank shape: shots per product, optional coreset cap per level, matmul chunk."""
+
+    shots: int = 4
+    coreset: int | None = None  # max vectors per level; None keeps every position of every shot
+    chunk: int = 2048  # bank vectors per matmul chunk: bounds (B, P, chunk) similarity memory
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Position-conditioned normalizing flow per level (DESIGN section 4, flow row)."""
+
+    blocks: int = 8
+    pos_dims: int = 128
+    hidden_ratio: float = 1.0  # subnet hidden width as a multiple of its input width
+    clamp: float = 1.9
+
+
+@dataclass(frozen=True)
+class CadaConfig:
+    """Class-agnostic regressor of each image's normal map mean and max (CADA)."""
+
+    hidden: int = 256
+    dropout: float = 0.25
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Raw map, calibration and verdict settings."""
+
+    blur_sigma: float = 4.0
+    top_fraction: float = 0.01  # image score = mean of the top 1% calibrated pixels (CADA)
+    calibration: str = "cada"
+    threshold: float = 1.0
+    min_route_similarity: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_MODES:
+            raise ValueError(
+                f"calibration must be one of {CALIBRATION_MODES}, got {self.calibration!r}"
+            )
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole model's configuration, as stored in the model card."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    cada: CadaConfig = field(default_factory=CadaConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        return _build(cls, data)
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if _has_defaults(cls) else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _has_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported for callers that build variants of a config."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,173 @@
+"""Stages 2 and 3: the CADA head, then the threshold (DESIGN section 5).
+
+CADA targets are the mean and max of the raw map of normal source images scored against k shots
+that do not include the image itself. The head is fitted on the fit images and selected on the
+held-out normals; the threshold is then set on the held-out normals at a target false-reject
+rate, for every calibration mode, with banks and bank statistics drawn as a user would make them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from inspector.model import InspectionModel, build_bank, stack_banks
+from inspector.model.config import CALIBRATION_MODES
+
+from .dataset import ClassMaterial
+from .features import select
+from .metrics import threshold_at_false_reject_rate
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Stage 2 and 3 settings."""
+
+    targets_per_class: int = 64  # fit images per class whose normal maps train the head
+    epochs: int = 60
+    batch: int = 32
+    lr: float = 5e-2  # SGD, as in CADA
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    draws: int = 2  # shot draws per class for the threshold
+    target_false_reject_rate: float = 0.01
+    seed: int = 0
+
+
+@torch.no_grad()
+def normal_map_stats(
+    model: InspectionModel,
+    material: ClassMaterial,
+    features: Sequence[torch.Tensor],
+    exclude: np.ndarray | None,
+    rng: np.random.Generator,
+    batch: int = 8,
+) -> torch.Tensor:
+    """``(N, 2)`` mean and max of each image's raw map against its own random k-shot bank.
+
+    Args:
+        features: per level ``(N, C, H, W)`` features of the normal images to score.
+        exclude: per image, the row of ``material.fit`` that must not be a shot (or -1); None
+            when the images are not fit images.
+    """
+    k = model.cfg.bank.shots
+    pool = np.arange(material.fit[0].shape[0])
+    out = []
+    for start in range(0, features[0].shape[0], batch):
+        rows = range(start, min(start + batch, features[0].shape[0]))
+        banks = []
+        for r in rows:
+            allowed = pool if exclude is None else pool[pool != exclude[r]]
+            shots = rng.choice(allowed, size=k, replace=False)
+            banks.append(build_bank(select(material.fit, shots), model.cfg.bank.coreset))
+        feats = select(features, list(rows))
+        hint = torch.arange(len(banks))
+        raw = model.analyse(feats, stack_banks(banks), hint).raw_map.flatten(1)
+        out.append(torch.stack([raw.mean(1), raw.amax(1)], 1))
+    return torch.cat(out)
+
+
+def cada_targets(
+    model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((train_x, train_y), (val_x, val_y))``: level-top features and ``(u, gamma)`` targets."""
+    train_x, train_y, val_x, val_y = [], [], [], []
+    for mat in tqdm(classes, desc="CADA targets", unit="class"):
+        n = mat.fit[0].shape[0]
+        rows = np.sort(rng.choice(n, size=min(n, cfg.targets_per_class), replace=False))
+        train_y.append(normal_map_stats(model, mat, select(mat.fit, rows), rows, rng))
+        train_x.append(mat.fit[-1][torch.as_tensor(rows)].float())
+        val_y.append(normal_map_stats(model, mat, mat.holdout, None, rng))
+        val_x.append(mat.holdout[-1].float())
+    return (torch.cat(train_x), torch.cat(train_y)), (torch.cat(val_x), torch.cat(val_y))
+
+
+def set_target_stats(model: InspectionModel, targets: torch.Tensor) -> torch.Tensor:
+    """Standardise the head's outputs on the training targets; return the loss scales ``(2,)``."""
+    u, gamma = targets[:, 0], targets[:, 1]
+    std_u = u.std().clamp_min(1e-6)  # floor: a constant target still trains
+    gap = (gamma - u).mean().clamp_min(1e-6)
+    model.cada.target_stats.copy_(torch.stack([u.mean(), std_u, gap]))
+    return torch.stack([std_u, gamma.std().clamp_min(1e-6)])
+
+
+def cada_loss(model: InspectionModel, x: torch.Tensor, y: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between predicted and target ``(u, gamma)``, each in units of its target's spread."""
+    u, gamma = model.cada(x)
+    pred = torch.stack([u, gamma], 1)
+    return F.smooth_l1_loss(pred / scales, y / scales)
+
+
+def fit_cada(
+    model: InspectionModel,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    cfg: CalibrationConfig,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the CADA head (SGD, cosine schedule); keep the epoch with the lowest held-out loss."""
+    torch.manual_seed(cfg.seed)
+    scales = set_target_stats(model, train[1])
+    opt = torch.optim.SGD(model.cada.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    best = (float("inf"), -1, copy.deepcopy(model.cada.state_dict()))
+    bar = tqdm(range(cfg.epochs), desc="fit CADA head", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.cada.train()
+        order = torch.randperm(len(train[0]))
+        for start in range(0, len(order), cfg.batch):
+            idx = order[start : start + cfg.batch]
+            loss = cada_loss(model, train[0][idx], train[1][idx], scales)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        model.cada.eval()
+        with torch.no_grad():
+            val_loss = float(cada_loss(model, val[0], val[1], scales))
+        if val_loss < best[0]:
+            best = (val_loss, epoch, copy.deepcopy(model.cada.state_dict()))
+        bar.set_postfix(val=f"{val_loss:.4f}")
+    model.cada.load_state_dict(best[2])
+    model.eval()
+    return {"val_loss": best[0], "best_epoch": best[1], "epochs": cfg.epochs}
+
+
+@torch.no_grad()
+def holdout_scores(
+    model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Scores of every held-out normal image, per calibration mode, over ``cfg.draws`` bank draws.
+
+    Each draw registers every source class from k random fit images (with bank-mode statistics),
+    then routes the held-out images among them, as the worker would.
+    """
+    k = model.cfg.bank.shots
+    scores: dict[str, list[torch.Tensor]] = {m: [] for m in CALIBRATION_MODES}
+    scores["routed_correctly"] = []
+    for _ in tqdm(range(cfg.draws), desc="threshold draws", unit="draw"):
+        banks = []
+        for mat in classes:
+            shots = select(mat.fit, rng.choice(mat.fit[0].shape[0], size=k, replace=False))
+            u, gamma = model.bank_statistics(shots)
+            banks.append(build_bank(shots, model.cfg.bank.coreset).with_stats(u, gamma))
+        stacked = stack_banks(banks)
+        for c, mat in enumerate(classes):
+            for start in range(0, mat.holdout[0].shape[0], 8):
+                feats = select(mat.holdout, range(start, min(start + 8, mat.holdout[0].shape[0])))
+                analysis = model.analyse(feats, stacked)
+                for mode in CALIBRATION_MODES:
+                    scores[mode].append(model.inspect(analysis, mode).score)
+                scores["routed_correctly"].append((analysis.product == c).float())
+    return {m: torch.cat(v).numpy() for m, v in scores.items()}
+
+
+def thresholds(scores: dict[str, np.ndarray], rate: float) -> dict[str, float]:
+    """Threshold per calibration mode at the target false-reject rate on held-out normals."""
+    return {m: float(threshold_at_false_reject_rate(scores[m], rate)) for m in CALIBRATION_MODES}

@@ -1,0 +1,142 @@
+"""Source-class training material: fit normals, held-out normals, anomalies, their features."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from inspector.model import InspectionModel
+from inspector.model.bank import position_vectors
+
+from .anomalies import AnomalySynthesizer
+from .data import ImageCache, list_samples
+from .features import extract_features
+
+
+@dataclass
+class ClassMaterial:
+    """One source class, ready for fitting.
+
+    Attributes:
+        name: class name.
+        fit: per level ``(N, C, H, W)`` fp16 features of the normal images used for fitting
+            (queries and reference shots).
+        holdout: per level features of normal images never used in fitting (CADA validation and
+            the threshold).
+        anomalous: per level features of anomalous images (synthetic, then labelled real ones).
+        masks: ``(M, S, S)`` bool masks of the anomalous images.
+        source: ``(M,)`` index into ``fit`` of the normal image an anomaly was made from
+            (``-1`` for a real anomaly), so its own source is never one of its shots.
+    """
+
+    name: str
+    fit: list[torch.Tensor]
+    holdout: list[torch.Tensor]
+    anomalous: list[torch.Tensor]
+    masks: torch.Tensor
+    source: torch.Tensor
+    _unit: list[torch.Tensor] | None = None
+
+    @property
+    def fit_unit(self) -> list[torch.Tensor]:
+        """``fit`` as per-position unit vectors, ``(N, H*W, C)`` fp16 per level (bank material)."""
+        if self._unit is None:
+            self._unit = [
+                torch.cat([position_vectors(f[i : i + 16]) for i in range(0, len(f), 16)]).half()
+                for f in self.fit
+            ]
+        return self._unit
+
+
+def split_normals(count: int, cap: int, holdout_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle ``range(count)``, keep at most ``cap``, split off a held-out part (at least 1)."""
+    order = rng.permutation(count)[: min(count, cap)]
+    n_hold = max(1, int(round(holdout_fraction * len(order))))
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+def synthesize(images: np.ndarray, rng: np.random.Generator, per_image: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``per_image`` synthetic anomalies of every image: images, masks and source indices."""
+    synth = AnomalySynthesizer()
+    out_images, out_masks, sources = [], [], []
+    for i in range(len(images)):
+        for _ in range(per_image):
+            donor = images[rng.integers(len(images))]
+            image, mask = synth(images[i], rng, source=donor)
+            out_images.append(image)
+            out_masks.append(mask)
+            sources.append(i)
+    return np.stack(out_images), np.stack(out_masks), np.asarray(sources)
+
+
+def prepare_class(
+    model: InspectionModel,
+    root: str | Path,
+    name: str,
+    cap: int,
+    holdout_fraction: float,
+    anomalies_per_image: int,
+    real_anomalies: bool,
+    rng: np.random.Generator,
+) -> ClassMaterial:
+    """Load, split, synthesise anomalies and extract features for one source class."""
+    size = model.input_size
+    train = list_samples(root, name, "train")
+    fit_idx, hold_idx = split_normals(len(train), cap, holdout_fraction, rng)
+    fit_cache = ImageCache.load([train[i] for i in fit_idx], size)
+    hold_cache = ImageCache.load([train[i] for i in hold_idx], size)
+    syn_images, syn_masks, sources = synthesize(fit_cache.images, rng, anomalies_per_image)
+    anomalous, masks = [syn_images], [syn_masks]
+    if real_anomalies:
+        real = [s for s in list_samples(root, name, "test") if s.label == 1]
+        cache = ImageCache.load(real, size) if real else None
+        if cache is not None and cache.has_mask.any():
+            keep = cache.has_mask
+            anomalous.append(cache.images[keep])
+            masks.append(cache.masks[keep])
+            sources = np.concatenate([sources, np.full(int(keep.sum()), -1)])
+    return ClassMaterial(
+        name=name,
+        fit=extract_features(model, fit_cache.images, desc=f"{name} normal"),
+        holdout=extract_features(model, hold_cache.images, desc=f"{name} held-out"),
+        anomalous=extract_features(model, np.concatenate(anomalous), desc=f"{name} anomalous"),
+        masks=torch.from_numpy(np.concatenate(masks)),
+        source=torch.from_numpy(sources).long(),
+    )
+
+
+def prepare_sources(
+    model: InspectionModel,
+    root: str | Path,
+    classes: Sequence[str],
+    cap: int,
+    holdout_fraction: float,
+    anomalies_per_image: int,
+    real_anomalies: bool,
+    seed: int,
+) -> list[ClassMaterial]:
+    """:func:`prepare_class` for every source class, with a progress bar over classes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in tqdm(classes, desc="preparing source classes", unit="class"):
+        out.append(
+            prepare_class(model, root, name, cap, holdout_fraction, anomalies_per_image, real_anomalies, rng)
+        )
+    return out
+
+
+def data_digest(root: str | Path, classes: Sequence[str]) -> str:
+    """sha256 over the relative paths and sizes of every file of the given classes."""
+    digest = hashlib.sha256()
+    root = Path(root)
+    for name in sorted(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file():
+                digest.update(f"{path.relative_to(root)}|{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
