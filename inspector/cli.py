@@ -45,7 +45,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", required=True, help="comma-separated source classes")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--weights", help=f"backbone safetensors (default: ${DEFAULT_WEIGHTS_ENV} or ../shared/weights)")
-    p.add_argument("--random-backbone", action="store_true", help="allow random backbone weights")
+    p.add_argument("--random-backbone", action="store_true", help="fit on a randomly initialised backbone (for tests; detection will be poor)")
     p.add_argument("--workdir", help="checkpoints and logs (default: <out>.work)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--steps", type=int, help="flow training steps")
@@ -127,7 +127,7 @@ def train_config_from(args: argparse.Namespace, weights: str | None):
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.train import train
 
-    weights = find_weights(args.weights)
+    weights = None if args.random_backbone else find_weights(args.weights)
     if weights is None and not args.random_backbone:
         print("error: no backbone weights found; pass --weights FILE, set "
               f"${DEFAULT_WEIGHTS_ENV}, or pass --random-backbone to fit on random features",

@@ -74,11 +74,12 @@ def normal_map_stats(
 
 
 def cada_targets(
-    model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator
+    model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator,
+    progress: bool = True,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``((train_x, train_y), (val_x, val_y))``: level-top features and ``(u, gamma)`` targets."""
     train_x, train_y, val_x, val_y = [], [], [], []
-    for mat in tqdm(classes, desc="CADA targets", unit="class"):
+    for mat in tqdm(classes, desc="CADA targets", unit="class", disable=not progress):
         n = mat.fit[0].shape[0]
         rows = np.sort(rng.choice(n, size=min(n, cfg.targets_per_class), replace=False))
         train_y.append(normal_map_stats(model, mat, select(mat.fit, rows), rows, rng))
@@ -141,7 +142,8 @@ def fit_cada(
 
 @torch.no_grad()
 def holdout_scores(
-    model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator
+    model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator,
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Scores of every held-out normal image, per calibration mode, over ``cfg.draws`` bank draws.
 
@@ -151,7 +153,7 @@ def holdout_scores(
     k = model.cfg.bank.shots
     scores: dict[str, list[torch.Tensor]] = {m: [] for m in CALIBRATION_MODES}
     scores["routed_correctly"] = []
-    for _ in tqdm(range(cfg.draws), desc="threshold draws", unit="draw"):
+    for _ in tqdm(range(cfg.draws), desc="threshold draws", unit="draw", disable=not progress):
         banks = []
         for mat in classes:
             shots = select(mat.fit, rng.choice(mat.fit[0].shape[0], size=k, replace=False))

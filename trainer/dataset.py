@@ -84,6 +84,7 @@ def prepare_class(
     anomalies_per_image: int,
     real_anomalies: bool,
     rng: np.random.Generator,
+    progress: bool = True,
 ) -> ClassMaterial:
     """Load, split, synthesise anomalies and extract features for one source class."""
     size = model.input_size
@@ -103,9 +104,9 @@ def prepare_class(
             sources = np.concatenate([sources, np.full(int(keep.sum()), -1)])
     return ClassMaterial(
         name=name,
-        fit=extract_features(model, fit_cache.images, desc=f"{name} normal"),
-        holdout=extract_features(model, hold_cache.images, desc=f"{name} held-out"),
-        anomalous=extract_features(model, np.concatenate(anomalous), desc=f"{name} anomalous"),
+        fit=extract_features(model, fit_cache.images, desc=f"{name} normal", progress=progress),
+        holdout=extract_features(model, hold_cache.images, desc=f"{name} held-out", progress=progress),
+        anomalous=extract_features(model, np.concatenate(anomalous), desc=f"{name} anomalous", progress=progress),
         masks=torch.from_numpy(np.concatenate(masks)),
         source=torch.from_numpy(sources).long(),
     )
@@ -120,13 +121,14 @@ def prepare_sources(
     anomalies_per_image: int,
     real_anomalies: bool,
     seed: int,
+    progress: bool = True,
 ) -> list[ClassMaterial]:
     """:func:`prepare_class` for every source class, with a progress bar over classes."""
     rng = np.random.default_rng(seed)
     out = []
-    for name in tqdm(classes, desc="preparing source classes", unit="class"):
+    for name in tqdm(classes, desc="preparing source classes", unit="class", disable=not progress):
         out.append(
-            prepare_class(model, root, name, cap, holdout_fraction, anomalies_per_image, real_anomalies, rng)
+            prepare_class(model, root, name, cap, holdout_fraction, anomalies_per_image, real_anomalies, rng, progress)
         )
     return out
 

@@ -52,16 +52,16 @@ def train(
     weights_sha = load_backbone_weights(model.backbone, cfg.weights) if cfg.weights else None
     classes = prepare_sources(
         model, cfg.data, cfg.classes, cfg.images_per_class, cfg.holdout_fraction,
-        cfg.anomalies_per_image, cfg.real_anomalies, cfg.seed,
+        cfg.anomalies_per_image, cfg.real_anomalies, cfg.seed, progress,
     )
     t_prep = time.perf_counter() - t0
     stage1 = fit_flows(model, classes, cfg.fit, workdir, resume=resume, progress=progress)
     rng = np.random.default_rng(cfg.calibration.seed)
     t2 = time.perf_counter()
-    train_set, val_set = calibrate.cada_targets(model, classes, cfg.calibration, rng)
+    train_set, val_set = calibrate.cada_targets(model, classes, cfg.calibration, rng, progress)
     stage2 = calibrate.fit_cada(model, train_set, val_set, cfg.calibration, progress)
     t3 = time.perf_counter()
-    held = calibrate.holdout_scores(model, classes, cfg.calibration, rng)
+    held = calibrate.holdout_scores(model, classes, cfg.calibration, rng, progress)
     thresholds = calibrate.thresholds(held, cfg.calibration.target_false_reject_rate)
     t4 = time.perf_counter()
     mode = model_cfg.score.calibration

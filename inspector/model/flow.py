@@ -49,7 +49,22 @@ def build_flow(
             affine_clamping=cfg.clamp,
             permute_soft=False,
         )
+    _seed_permutations(flow, channels)
     return flow
+
+
+@torch.no_grad()
+def _seed_permutations(flow: SequenceINN, channels: int) -> None:
+    """Replace each block's channel permutation, which FrEIA draws from numpy's global RNG, with
+    one from a local generator, so that building a model is deterministic (the permutations are
+    saved with the weights either way)."""
+    gen = torch.Generator().manual_seed(channels)
+    for block in flow.module_list:
+        perm = torch.randperm(channels, generator=gen)
+        w = torch.zeros(channels, channels)
+        w[torch.arange(channels), perm] = 1.0
+        block.w_perm.copy_(w.view_as(block.w_perm))
+        block.w_perm_inv.copy_(w.t().contiguous().view_as(block.w_perm_inv))
 
 
 def positional_encoding(height: int, width: int, dims: int) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""``inspector train`` and ``inspector eval`` end to end on a generated dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inspector.artifact import read_card
+from inspector.cli import main
+from trainer.synthetic import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("e2e")
+    data = generate_dataset(base / "data", classes=("tiles", "rings", "weave"), n_train=12,
+                            n_test_good=4, n_test_defect=4, size=64, seed=0)
+    code = main(["train", "--data", str(data), "--classes", "tiles,rings", "--out", str(base / "model"),
+                 "--random-backbone", "--input-size", "64", "--steps", "4", "--batch", "4",
+                 "--images-per-class", "12", "--cada-epochs", "3", "--quiet"])
+    assert code == 0
+    return data, base / "model"
+
+
+def test_train_writes_a_complete_card(trained: tuple[Path, Path]) -> None:
+    _, model = trained
+    card = read_card(model)
+    t = card.training
+    assert t["source_classes"] == ["tiles", "rings"]
+    assert set(t["thresholds"]) == {"cada", "bank", "none"}
+    assert card.model_config.score.threshold == t["thresholds"]["cada"]
+    assert card.backbone["weights_sha256"] is None  # random backbone is recorded as such
+    assert len(t["data_digest"]) == 64 and t["stage1"]["steps"] == 4
+    log = (model.parent / "model.work" / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["step"] == 4
+
+
+def test_eval_reports_every_mode_and_the_mixed_pool(trained: tuple[Path, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    data, model = trained
+    assert main(["eval", "--artifact", str(model), "--data", str(data), "--classes", "weave",
+                 "--out", str(tmp_path), "--draws", "2", "--quiet"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    summary = report["summary"]
+    for mode in ("cada", "bank", "none", "baseline"):
+        mixed = summary[mode]["mixed"]
+        assert 0.0 <= mixed["image_auroc"]["mean"] <= 1.0 and mixed["image_auroc"]["n"] == 2
+        assert "aupro" in summary[mode]["per_class"]["weave"]
+    assert "false_reject_rate" in summary["cada"]["mixed"] and "false_reject_rate" not in summary["baseline"]["mixed"]
+    assert len(report["shot_files"]) == 2 and len(report["shot_files"][0]["weave"]) == 4
+    for name in ("scores.png", "heatmaps.png", "roc_mixed.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert "heatmaps.png" in (tmp_path / "index.html").read_text()
+    assert "img AUROC mixed" in capsys.readouterr().out
+
+
+def test_train_without_weights_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ../shared/weights to find from here
+    monkeypatch.delenv("INSPECTOR_BACKBONE_WEIGHTS", raising=False)
+    code = main(["train", "--data", str(tmp_path), "--classes", "a", "--out", str(tmp_path / "m")])
+    assert code == 2 and "--random-backbone" in capsys.readouterr().err
+
+
+def test_unknown_class_is_a_clear_error(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    data, model = trained
+    code = main(["eval", "--artifact", str(model), "--data", str(data), "--classes", "nope",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == 2 and "nope" in capsys.readouterr().err
