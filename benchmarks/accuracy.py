@@ -99,19 +99,35 @@ def main() -> int:
         if not Path(path).exists():
             print(f"error: {path} not found (this benchmark needs the shared data and weights)", file=sys.stderr)
             return 2
-    results = [run_split(s.strip(), args) for s in args.splits.split(",")]
-    record = {"machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "settings": {"steps": args.steps, "images_per_class": args.images_per_class, "draws": args.draws,
-                           "model": dataclasses.asdict(ModelConfig())},
-              "splits": results}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(record, indent=2))
-    lines = [f"# Accuracy, {record['date']}", "", f"machine: {record['machine']}", f"commit: {record['commit']}", ""]
-    for r in results:
-        lines += [f"## Split {r['split']}: fit on {', '.join(r['source'])}; unseen {', '.join(r['target'])}",
-                  f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s", "", "```", r["table"], "```", ""]
-    (Path(args.out) / "summary.md").write_text("\n".join(lines))
+    settings = {"steps": args.steps, "images_per_class": args.images_per_class, "draws": args.draws,
+                "model": dataclasses.asdict(ModelConfig())}
+    for s in args.splits.split(","):
+        result = run_split(s.strip(), args)
+        result.update(machine=machine(), commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"), settings=settings)
+        write_summary(Path(args.out), result)
     return 0
+
+
+def write_summary(out: Path, result: dict[str, object]) -> None:
+    """Merge one split's result into ``summary.json`` (other splits kept) and rewrite ``summary.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    splits = {r["split"]: r for r in json.loads(path.read_text())["splits"]} if path.exists() else {}
+    splits[result["split"]] = result
+    ordered = [splits[k] for k in sorted(splits)]
+    path.write_text(json.dumps({"splits": ordered}, indent=2))
+    lines = ["# Accuracy on unseen classes", ""]
+    for r in ordered:
+        lines += [
+            f"## Split {r['split']}: fit on {', '.join(r['source'])}; unseen {', '.join(r['target'])}",
+            f"measured {r['date']} on {r['machine']['cpu']} ({r['machine']['threads']} threads), "
+            f"torch {r['machine']['torch']}, commit {r['commit']}",
+            f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s "
+            f"(steps {r['settings']['steps']}, images per class {r['settings']['images_per_class']}, "
+            f"draws {r['settings']['draws']})",
+            "", "```", r["table"], "```", "",
+        ]
+    (out / "summary.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ pooled, one threshold). Metrics are averaged over draws (DESIGN section 5).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -252,8 +253,6 @@ def evaluate(
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON with NaN written as null, so strict parsers accept it."""
-    import json
-
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not np.isfinite(x):
             return None
