@@ -49,11 +49,30 @@ class FitConfig:
 
 @dataclass
 class Window:
-    """A training window of one query: pixel origin, side, level-space slices."""
+    """A training window of one query, in input pixels: top-left corner and side."""
 
     top: int
     left: int
     side: int
+
+
+@dataclass
+class Query:
+    """One drawn query with everything its losses need."""
+
+    material: ClassMaterial
+    row: int
+    anomalous: bool
+    shots: np.ndarray
+    window: Window
+
+    def level(self, l: int) -> torch.Tensor:
+        source = self.material.anomalous if self.anomalous else self.material.fit
+        return source[l][self.row].float()
+
+    def mask(self) -> torch.Tensor | None:
+        return self.material.masks[self.row] if self.anomalous else None
+
 
 
 class QuerySampler:
@@ -66,8 +85,8 @@ class QuerySampler:
         self.stride = stride
         self.size = size
 
-    def draw(self, rng: np.random.Generator, anomalous: bool) -> tuple[int, int, bool, np.ndarray, Window]:
-        """One query: (class index, row, anomalous, shot rows in ``fit``, window)."""
+    def draw(self, rng: np.random.Generator, anomalous: bool) -> Query:
+        """One query of a random class: its row, k shot rows in ``fit`` and its window."""
         c = int(rng.integers(len(self.classes)))
         mat = self.classes[c]
         if anomalous:
@@ -80,7 +99,7 @@ class QuerySampler:
             window = self._random_window(rng)
         pool = np.setdiff1d(np.arange(mat.fit[0].shape[0]), [exclude])
         shots = rng.choice(pool, size=min(self.shots, len(pool)), replace=False)
-        return c, row, anomalous, shots, window
+        return Query(mat, row, anomalous, shots, window)
 
     def _random_window(self, rng: np.random.Generator) -> Window:
         cells = (self.size - self.window) // self.stride + 1
@@ -132,32 +151,9 @@ def window_labels(mask: torch.Tensor | None, window: Window, stride: int) -> tor
     return labels
 
 
-@dataclass
-class Query:
-    """One drawn query with everything its losses need."""
-
-    material: ClassMaterial
-    row: int
-    anomalous: bool
-    shots: np.ndarray
-    window: Window
-
-    def level(self, l: int) -> torch.Tensor:
-        source = self.material.anomalous if self.anomalous else self.material.fit
-        return source[l][self.row].float()
-
-    def mask(self) -> torch.Tensor | None:
-        return self.material.masks[self.row] if self.anomalous else None
-
-
 def draw_queries(sampler: QuerySampler, batch: int, anomaly_fraction: float, rng: np.random.Generator) -> list[Query]:
     """A step's queries; at least one normal query so normal losses are always defined."""
-    queries = []
-    for i in range(batch):
-        anomalous = i > 0 and rng.random() < anomaly_fraction
-        c, row, anomalous, shots, window = sampler.draw(rng, anomalous)
-        queries.append(Query(sampler.classes[c], row, anomalous, shots, window))
-    return queries
+    return [sampler.draw(rng, i > 0 and rng.random() < anomaly_fraction) for i in range(batch)]
 
 
 def level_batch(
@@ -219,7 +215,7 @@ def level_losses(
 @torch.no_grad()
 def initial_radii(model: InspectionModel, sampler: QuerySampler, rng: np.random.Generator, batch: int) -> list[float]:
     """Shell radius per level: the median norm of normal residuals on one batch of queries."""
-    queries = [Query(sampler.classes[c], r, False, s, w) for c, r, _, s, w in (sampler.draw(rng, False) for _ in range(batch))]
+    queries = [sampler.draw(rng, False) for _ in range(batch)]
     radii = []
     for level in range(len(model.channels)):
         _, residual, _, _ = level_batch(model, queries, level)
