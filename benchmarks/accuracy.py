@@ -66,6 +66,7 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
     out = Path(args.out) / f"split{name}"
     cfg = TrainConfig(
         data=args.data, classes=source, weights=args.weights, images_per_class=args.images_per_class,
+        synthetic_sources=tuple(n for n in args.synthetic_sources.split(",") if n),
         fit=FitConfig(steps=args.steps), calibration=CalibrationConfig(),
     )
     t0 = time.perf_counter()
@@ -92,6 +93,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=FitConfig.steps)
     p.add_argument("--images-per-class", type=int, default=TrainConfig.images_per_class)
     p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--synthetic-sources", default="", help="generated products added as source classes")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -100,6 +102,7 @@ def main() -> int:
             print(f"error: {path} not found (this benchmark needs the shared data and weights)", file=sys.stderr)
             return 2
     settings = {"steps": args.steps, "images_per_class": args.images_per_class, "draws": args.draws,
+                "synthetic_sources": args.synthetic_sources,
                 "model": dataclasses.asdict(ModelConfig())}
     for s in args.splits.split(","):
         result = run_split(s.strip(), args)

@@ -57,6 +57,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", choices=("cada", "bank", "none"), help="shipped calibration mode")
     p.add_argument("--target-frr", type=float, help="false-reject rate the threshold is set at")
     p.add_argument("--cada-epochs", type=int, help="CADA head epochs")
+    p.add_argument("--synthetic-sources", default="",
+                   help="generated products added as extra source classes, e.g. tiles,rings,weave,dots")
     p.add_argument("--no-real-anomalies", action="store_true",
                    help="use synthetic anomalies only, not the source classes' labelled ones")
     p.add_argument("--seed", type=int, default=0)
@@ -121,6 +123,8 @@ def train_config_from(args: argparse.Namespace, weights: str | None):
         cal = dataclasses.replace(cal, epochs=args.cada_epochs)
     extra = {"images_per_class": args.images_per_class} if args.images_per_class else {}
     extra["real_anomalies"] = not args.no_real_anomalies
+    if args.synthetic_sources:
+        extra["synthetic_sources"] = parse_classes(args.synthetic_sources)
     return TrainConfig(
         data=args.data, classes=parse_classes(args.classes), weights=weights,
         seed=args.seed, fit=fit, calibration=cal, **extra,

@@ -69,3 +69,15 @@ def test_unknown_class_is_a_clear_error(trained: tuple[Path, Path], tmp_path: Pa
     code = main(["eval", "--artifact", str(model), "--data", str(data), "--classes", "nope",
                  "--out", str(tmp_path), "--quiet"])
     assert code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_generated_products_can_be_added_as_sources(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", classes=("tiles",), n_train=8, n_test_good=2,
+                            n_test_defect=2, size=64, seed=0)
+    assert main(["train", "--data", str(data), "--classes", "tiles", "--out", str(tmp_path / "model"),
+                 "--random-backbone", "--input-size", "64", "--steps", "2", "--batch", "2",
+                 "--images-per-class", "8", "--cada-epochs", "1", "--synthetic-sources", "dots", "--quiet"]) == 0
+    card = read_card(tmp_path / "model")
+    assert card.training["source_classes"] == ["tiles", "dots"]
+    assert card.training["counts"]["dots"]["fit"] > 0
+    assert card.training["config"]["synthetic_sources"] == ["dots"]

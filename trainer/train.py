@@ -18,6 +18,7 @@ from . import calibrate
 from .calibrate import CalibrationConfig
 from .dataset import data_digest, prepare_sources
 from .fit import FitConfig, fit_flows
+from .synthetic import generate_dataset
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class TrainConfig:
     holdout_fraction: float = 0.3
     anomalies_per_image: int = 1
     real_anomalies: bool = True  # also use the source classes' labelled anomalies (with masks)
+    synthetic_sources: tuple[str, ...] = ()  # generated products added as extra source classes
     seed: int = 0
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -54,6 +56,15 @@ def train(
         model, cfg.data, cfg.classes, cfg.images_per_class, cfg.holdout_fraction,
         cfg.anomalies_per_image, cfg.real_anomalies, cfg.seed, progress,
     )
+    if cfg.synthetic_sources:
+        root = generate_dataset(
+            workdir / "synthetic", classes=cfg.synthetic_sources, n_train=cfg.images_per_class,
+            n_test_good=0, n_test_defect=0, size=model.input_size, seed=cfg.seed, overwrite=True,
+        )
+        classes += prepare_sources(
+            model, root, cfg.synthetic_sources, cfg.images_per_class, cfg.holdout_fraction,
+            cfg.anomalies_per_image, False, cfg.seed, progress,
+        )
     t_prep = time.perf_counter() - t0
     stage1 = fit_flows(model, classes, cfg.fit, workdir, resume=resume, progress=progress)
     rng = np.random.default_rng(cfg.calibration.seed)
@@ -69,7 +80,7 @@ def train(
         model_cfg, score=dataclasses.replace(model_cfg.score, threshold=thresholds[mode])
     )
     training = {
-        "source_classes": list(cfg.classes),
+        "source_classes": [c.name for c in classes],
         "data_digest": data_digest(cfg.data, cfg.classes),
         "config": json.loads(json.dumps(asdict(cfg))),
         "counts": {c.name: {"fit": int(c.fit[0].shape[0]), "holdout": int(c.holdout[0].shape[0]),
