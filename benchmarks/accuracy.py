@@ -122,7 +122,9 @@ def write_summary(out: Path, result: dict[str, object]) -> None:
     lines = ["# Accuracy on unseen classes", ""]
     for r in ordered:
         lines += [
-            f"## Split {r['split']}: fit on {', '.join(r['source'])}; unseen {', '.join(r['target'])}",
+            f"## Split {r['split']}: fit on {', '.join(r['source'])}"
+            + (f" + generated {r['settings']['synthetic_sources']}" if r["settings"].get("synthetic_sources") else "")
+            + f"; unseen {', '.join(r['target'])}",
             f"measured {r['date']} on {r['machine']['cpu']} ({r['machine']['threads']} threads), "
             f"torch {r['machine']['torch']}, commit {r['commit']}",
             f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s "
