@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .cli_bank import add_bank_parser, cmd_bank
+
 DEFAULT_WEIGHTS_ENV = "INSPECTOR_BACKBONE_WEIGHTS"
 SHARED_WEIGHTS = Path("shared/weights/resnet18-imagenet1k-l1-l3.safetensors")
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub.add_parser("eval", help="evaluate an artifact on unseen target classes"))
     _add_synth(sub.add_parser("synth", help="write a synthetic MVTec-layout dataset"))
     _add_demo(sub.add_parser("demo", help="end to end on generated data: synth, train, eval"))
+    add_bank_parser(sub)
     return parser
 
 
@@ -205,7 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), find_weights(args.weights), args.steps, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
