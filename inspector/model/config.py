@@ -61,7 +61,10 @@ class ScoreConfig:
     top_fraction: float = 0.01  # image score = mean of the top 1% calibrated pixels (CADA)
     calibration: str = "cada"
     threshold: float = 1.0
-    min_route_similarity: float = 0.5
+    # Cosine of mean-pooled level-3 prototypes. With ImageNet resnet18 features, different
+    # products still reach 0.60-0.89 (ReLU features are all positive) and a product's own frames
+    # 0.84-1.0 (benchmarks/results/banks.md), so a gate of 0.5 would never fire.
+    min_route_similarity: float = 0.85
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_MODES:

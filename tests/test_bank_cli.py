@@ -1,0 +1,128 @@
+"""``inspector bank add | list | show | remove | export | import`` against both stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inspector.artifact import save_artifact
+from inspector.cli import main
+from inspector.model import InspectionModel
+
+from .conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli") / "model"
+    save_artifact(InspectionModel(tiny_config()).eval(), path, None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_images(tmp_path_factory) -> Path:
+    """Six good images of a made-up product (PNG and JPEG, one 16-bit grayscale)."""
+    d = tmp_path_factory.mktemp("good")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        img = (rng.random((80, 96, 3)) * 60 + 100).astype(np.uint8)
+        Image.fromarray(img).save(d / f"good_{i}.{'png' if i % 2 else 'jpg'}")
+    Image.fromarray((rng.random((80, 96)) * 20000 + 20000).astype(np.uint16)).save(d / "good_5.png")
+    (d / "notes.txt").write_text("not an image, ignored by folder expansion")
+    return d
+
+
+@pytest.fixture(params=["file", "redis"])
+def store_url(request, tmp_path: Path, redis_url: str, redis_prefix: str, monkeypatch) -> str:
+    if request.param == "file":
+        return f"file://{tmp_path / 'banks'}"
+    monkeypatch.setenv("INSPECTOR_BANKS_PREFIX", redis_prefix)
+    return redis_url
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_add_list_show_export_import_remove(capsys, artifact, good_images, store_url, tmp_path) -> None:
+    base = ("--line", "3", "--store", store_url)
+    code, out, err = run(capsys, "bank", "add", *base, "--product", "valve-b", "--artifact", str(artifact),
+                         str(good_images))
+    assert code == 0, err
+    assert "registered valve-b version 1" in out and "4 shots" in out
+    assert "picked the 4 most diverse of 6 images" in err
+
+    code, out, _ = run(capsys, "bank", "list", *base, "--json")
+    listing = json.loads(out)
+    assert code == 0 and listing["epoch"] == 1
+    assert [(p["product"], p["version"], p["shots"]) for p in listing["products"]] == [("valve-b", 1, 4)]
+
+    code, out, _ = run(capsys, "bank", "show", *base, "--product", "valve-b", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["candidates"] == 6 and len(shown["images"]) == 4
+    assert shown["gamma"] > shown["u"] and shown["signature"].startswith("resnet18@random:64")
+    code, out, _ = run(capsys, "bank", "show", *base, "--product", "valve-b")
+    assert "bank mode" in out and "signature" in out
+
+    exported = tmp_path / "valve-b.bank"
+    code, out, _ = run(capsys, "bank", "export", *base, "--product", "valve-b", "--out", str(exported))
+    assert code == 0 and exported.stat().st_size > 0
+
+    other = ("--line", "7", "--store", store_url)
+    code, out, err = run(capsys, "bank", "import", *other, str(exported), "--product", "valve-b2",
+                         "--artifact", str(artifact))
+    assert code == 0, err
+    code, out, _ = run(capsys, "bank", "show", *other, "--product", "valve-b2", "--json")
+    imported = json.loads(out)
+    assert imported["product"] == "valve-b2" and imported["content_sha256"] == shown["content_sha256"]
+
+    code, out, _ = run(capsys, "bank", "remove", *base, "--product", "valve-b")
+    assert code == 0 and "removed valve-b" in out
+    code, out, _ = run(capsys, "bank", "list", *base)
+    assert "0 products" in out
+
+
+def test_errors_are_clear(capsys, artifact, good_images, store_url, tmp_path) -> None:
+    base = ("--line", "3", "--store", store_url)
+    code, _, err = run(capsys, "bank", "show", *base, "--product", "absent")
+    assert code == 3 and "no product 'absent' on line 3" in err
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "x", "--artifact", str(artifact),
+                       str(tmp_path / "missing"))
+    assert code == 2 and "neither an image file nor a folder" in err
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "x", "--artifact", str(artifact),
+                       str(bad), str(good_images / "good_1.png"))
+    assert code == 2 and "broken.png is not a readable image" in err
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "x", str(good_images))
+    assert code == 2 and "no model artifact" in err
+    junk = tmp_path / "junk.bank"
+    junk.write_bytes(b"nonsense")
+    code, _, err = run(capsys, "bank", "import", *base, str(junk))
+    assert code == 2 and "truncated" in err
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "bad/name", "--artifact", str(artifact),
+                       str(good_images))
+    assert code == 2 and "must match" in err
+
+
+def test_import_refuses_a_bank_for_another_model(capsys, artifact, good_images, tmp_path) -> None:
+    store = f"file://{tmp_path / 'banks'}"
+    assert main(["bank", "add", "--line", "1", "--store", store, "--product", "p", "--artifact", str(artifact),
+                 str(good_images)]) == 0
+    assert main(["bank", "export", "--line", "1", "--store", store, "--product", "p", "--out",
+                 str(tmp_path / "p.bank")]) == 0
+    torch.manual_seed(1)
+    other = tmp_path / "other-model"
+    save_artifact(InspectionModel(tiny_config(size=96)).eval(), other, None)
+    capsys.readouterr()
+    code, _, err = run(capsys, "bank", "import", "--line", "2", "--store", store, str(tmp_path / "p.bank"),
+                       "--artifact", str(other))
+    assert code == 2 and "wrong_backbone" in err
