@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .cli_bank import add_bank_parser, cmd_bank
+from .cli_run import add_run_parser, cmd_run
 
 DEFAULT_WEIGHTS_ENV = "INSPECTOR_BACKBONE_WEIGHTS"
 SHARED_WEIGHTS = Path("shared/weights/resnet18-imagenet1k-l1-l3.safetensors")
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub.add_parser("synth", help="write a synthetic MVTec-layout dataset"))
     _add_demo(sub.add_parser("demo", help="end to end on generated data: synth, train, eval"))
     add_bank_parser(sub)
+    add_run_parser(sub)
     return parser
 
 
@@ -208,7 +210,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), find_weights(args.weights), args.steps, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,
+            "run": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,328 @@
+"""``inspector run --line N``: the streaming worker's lifecycle (DESIGN sections 6 and 9).
+
+::
+
+    camera --PUSH--> [ingest: PULL, validate] -> FrameQueue -> [decode pool]
+        -> [this loop: micro-batch, deadlines, engine] -> [publisher: PUB, stream, metrics]
+    bank store --(poll + notice)--> [bank watcher] -> snapshot swapped between batches
+
+Every frame received gets exactly one result: ``error`` (ingest or decode), ``dropped``
+(overload, or a blocked queue at shutdown), ``timeout`` (past its deadline when dequeued), or
+``pass`` / ``fail`` from the engine; an engine failure on a batch gives each of its frames an
+``error`` with reason ``engine_error`` and the worker keeps serving.
+
+Lifecycle: load the model (a mismatch is fatal: non-zero exit so systemd restarts or an operator
+looks), load the banks, warm up at every configured batch size, then ``/readyz`` turns 200 and
+``READY=1`` goes to systemd. The first SIGTERM or SIGINT stops ingest, finishes every accepted
+frame, publishes its result and exits 0; a second one exits at once with status 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+import zmq
+
+from .artifact import load_artifact
+from .banks import BankWatcher, build_snapshot, open_store
+from .banks.record import BankMeta
+from .batcher import FrameQueue, Job
+from .config import WorkerConfig, redacted
+from .engine import Engine, EngineSettings
+from .metrics import HealthServer, WorkerMetrics
+from .model.bank import build_bank
+from .notify import Notifier
+from .publish import Outgoing, Publisher, StreamWriter
+from .wire import DROPPED, ERROR, TIMEOUT, Latency, Result, WireError, WireLimits
+
+LOOP_POLL_S = 0.25  # the loop wakes this often without frames: watchdog pings and stop checks
+REASON_OVERLOAD = "overload"
+REASON_DEADLINE = "deadline_exceeded"
+REASON_ENGINE = "engine_error"
+REASON_SHUTDOWN = "shutdown"
+EXIT_SECOND_SIGNAL = 1
+
+
+class Worker:
+    """One line's worker. ``run()`` blocks until stopped; ``stop()`` may be called from any thread.
+
+    Args:
+        cfg: the resolved configuration.
+        install_signals: handle SIGTERM/SIGINT (only from the main thread; tests drive ``stop``).
+        env: environment for ``NOTIFY_SOCKET`` and ``WATCHDOG_USEC``.
+    """
+
+    def __init__(self, cfg: WorkerConfig, install_signals: bool = True, env: dict | None = None) -> None:
+        self.cfg = cfg
+        self.install_signals = install_signals
+        self.log = structlog.get_logger("inspector.worker").bind(line=cfg.line)
+        self.metrics = WorkerMetrics()
+        self.notifier = Notifier(env)
+        self.health: HealthServer | None = None
+        self._stop = threading.Event()
+        self._signals = 0
+        self.processed = 0
+        self.status = "starting"
+        self._ingest_stopped = threading.Event()
+
+    # -- start-up --------------------------------------------------------------------------
+    def _start_http(self) -> None:
+        if self.cfg.http.port == 0 and self.cfg.http.bind == "":
+            return
+        self.health = HealthServer(self.cfg.http, self.metrics).start()
+        self.health.set_ready(False, "starting: loading the model")
+
+    def _load(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        model, card = load_artifact(cfg.engine.artifact)
+        e = cfg.engine
+        self.engine = Engine(model, card, EngineSettings(e.device, e.precision, e.calibration, e.threshold,
+                                                         e.min_route_similarity, e.threads))
+        if e.compile == "inductor":
+            self.engine.model.backbone = torch.compile(self.engine.model.backbone)
+        self.card = card
+        self.metrics.set_info(cfg.line, card.model_id)
+        self.log = self.log.bind(model=card.model_id)
+        self.log.info("model_loaded", artifact=e.artifact, device=str(self.engine.device),
+                      threshold=self.engine.threshold, calibration=self.engine.calibration,
+                      min_route_similarity=self.engine.min_route_similarity,
+                      seconds=round(time.perf_counter() - t0, 2))
+        b = cfg.banks
+        self.store = open_store(b.store, b.prefix, b.keep_versions, b.password, b.username, b.tls_ca_file)
+        capacity = self._capacity(model)
+        self.watcher = BankWatcher(self.store, cfg.line, card.signature, model.channels, capacity,
+                                   b.capacity_products, b.poll_interval_s, on_event=self._bank_event)
+        self.watcher.start(initial_timeout=b.poll_interval_s)
+
+    @staticmethod
+    def _capacity(model) -> tuple[int, ...]:
+        """Vectors per level a bank may hold: every position of ``shots`` images, or the coreset cap."""
+        shots, cap = model.cfg.bank.shots, model.cfg.bank.coreset
+        full = [shots * h * w for h, w in model.grids]
+        return tuple(min(f, cap) if cap else f for f in full)
+
+    def _bank_event(self, event: str, **fields: Any) -> None:
+        if event == "bank_swapped":
+            self.metrics.set_bank(fields["epoch"], len(fields["products"]))
+        elif event == "bank_refused":
+            self.metrics.bank_refused(fields.get("reason", ""))
+
+    def _warm_up(self) -> None:
+        """Run every batch size once on a synthetic bank so the first real batch is not slow."""
+        model = self.engine.model
+        feats = [torch.randn(2, c, h, w) for c, (h, w) in zip(model.channels, model.grids)]
+        bank = build_bank(feats).with_stats(0.0, 1.0)
+        meta = BankMeta("warmup", "", 2, [], [list(f.shape) for f in bank.features], 0.0, 1.0, "", "")
+        snap = build_snapshot(0, {"warmup": (bank, meta)}, self.watcher.capacity, self.cfg.banks.capacity_products)
+        size = model.input_size
+        t0 = time.perf_counter()
+        for n in sorted(set(self.cfg.engine.batch_sizes) | {self.cfg.batch.max_batch}):
+            self.engine.infer(np.zeros((n, size, size, 3), np.uint8), [None] * n, snap)
+        self.log.info("warmed_up", batch_sizes=sorted(set(self.cfg.engine.batch_sizes) | {self.cfg.batch.max_batch}),
+                      seconds=round(time.perf_counter() - t0, 2))
+
+    def _start_io(self) -> None:
+        cfg = self.cfg
+        self.context = zmq.Context()
+        self.queue = FrameQueue(cfg.ingest.queue_size, cfg.ingest.overload)
+        self.pool = ThreadPoolExecutor(cfg.ingest.decode_workers, thread_name_prefix="decode")
+        self.stream = self._stream()
+        from .security import curve_configurer  # CURVE keys, when configured
+
+        server_side = curve_configurer(cfg.ingest, self.context)
+        self.publisher = Publisher(self.context, cfg.publish.bind, cfg.publish.sndhwm, cfg.publish.heatmaps,
+                                   cfg.publish.heatmap_scale, self.metrics, self.stream, server_side).start()
+        limits = WireLimits(cfg.ingest.max_header_bytes, cfg.ingest.max_payload_bytes, cfg.ingest.max_side,
+                            cfg.ingest.max_pixels)
+        from .ingest import Ingest
+
+        self.ingest = Ingest(self.context, cfg.ingest.bind, cfg.ingest.rcvhwm, limits, self.queue, self.pool,
+                             self.engine.input_size, cfg.batch.deadline_ms, self._reject, self._dropped,
+                             server_side)
+
+    def _stream(self) -> StreamWriter | None:
+        b = self.cfg.banks
+        if not b.store.startswith(("redis://", "rediss://", "unix://")):
+            self.log.info("results_stream_disabled", reason="bank store is not Redis")
+            return None
+        p = self.cfg.publish
+        return StreamWriter(self.store.client, f"{b.prefix}:line:{self.cfg.line}", p.stream_maxlen, p.stream_buffer,
+                            p.heartbeat_ttl_s, self.metrics, self._heartbeat).start()
+
+    def _heartbeat(self) -> dict:
+        snap = self.watcher.snapshot
+        return {"line": self.cfg.line, "status": self.status, "model": self.card.model_id, "pid": os.getpid(),
+                "bank_epoch": snap.epoch, "products": list(snap.products), "processed": self.processed,
+                "time_ns": time.time_ns()}
+
+    # -- results ---------------------------------------------------------------------------
+    def _result(self, job: Job, verdict: str, reason: str | None, **fields: Any) -> Result:
+        h = job.header
+        return Result(frame_id=h.frame_id, camera=h.camera, line=self.cfg.line, verdict=verdict, reason=reason,
+                      model=self.card.model_id, bank_epoch=self.watcher.snapshot.epoch, ts_ns=h.ts_ns,
+                      done_ns=time.time_ns(), **fields)
+
+    def _reject(self, err: WireError, recv_ns: int) -> None:
+        result = Result.for_error(err, self.cfg.line, self.card.model_id, self.watcher.snapshot.epoch, recv_ns)
+        self.publisher.submit(Outgoing(result))
+
+    def _dropped(self, job: Job) -> None:
+        reason = REASON_SHUTDOWN if self._stop.is_set() else REASON_OVERLOAD
+        self.publisher.submit(Outgoing(self._result(job, DROPPED, reason), recv_s=job.recv_s))
+
+    # -- the loop --------------------------------------------------------------------------
+    def start(self) -> "Worker":
+        """Everything up to readiness; ``run()`` calls it, tests may call it first."""
+        self._start_http()
+        self.log.info("worker_starting", config=redacted(self.cfg))
+        self._load()
+        self._start_io()
+        self._warm_up()
+        self.ingest.start()
+        self.status = "ready"
+        if self.stream is not None:
+            self.stream.beat_now()
+        self.metrics.set_ready(True)
+        if self.health is not None:
+            self.health.set_ready(True)
+        self.notifier.ready(f"serving line {self.cfg.line}")
+        self.log.info("worker_ready", ingest=self.ingest.endpoint, publish=self.publisher.endpoint,
+                      http=self.health.port if self.health else None, products=list(self.watcher.snapshot.products))
+        return self
+
+    def run(self, max_frames: int | None = None) -> int:
+        """Serve until stopped (or ``max_frames`` results are produced); return the exit code."""
+        if self.install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        if self.status != "ready":
+            self.start()
+        watchdog_every = self.notifier.watchdog_interval_s()
+        next_ping = 0.0
+        b = self.cfg.batch
+        while True:
+            now = time.monotonic()
+            if self.health is not None:
+                self.health.beat()
+            if watchdog_every and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + watchdog_every
+            if self._stop.is_set() and self.ingest_stopped and len(self.queue) == 0:
+                break
+            if max_frames is not None and self.processed >= max_frames:
+                break
+            batch = self.queue.get_batch(b.max_batch, b.max_delay_ms / 1000.0, LOOP_POLL_S)
+            self.metrics.set_queue_depth(len(self.queue))
+            if batch:
+                self._process(batch)
+        return self._shutdown()
+
+    @property
+    def ingest_stopped(self) -> bool:
+        return self._ingest_stopped.is_set()
+
+    def _process(self, batch: list[Job]) -> None:
+        dequeued = time.monotonic()
+        live: list[tuple[Job, np.ndarray, float]] = []
+        for job in batch:
+            queue_ms = 1000 * (dequeued - job.recv_s)
+            if dequeued > job.deadline_s:
+                if job.decoded is not None:
+                    job.decoded.cancel()
+                self._emit(job, TIMEOUT, REASON_DEADLINE, Latency(queue=round(queue_ms, 3)))
+                continue
+            try:
+                pixels, decode_ms = job.decoded.result()
+            except WireError as err:
+                self._emit(job, ERROR, err.reason, Latency(queue=round(queue_ms, 3)))
+                continue
+            except Exception as err:  # a decoder bug must cost one frame, not the worker
+                self.log.error("decode_crashed", frame_id=job.header.frame_id, error=repr(err))
+                self._emit(job, ERROR, "decode_failed", Latency(queue=round(queue_ms, 3)))
+                continue
+            job.times = {"queue": queue_ms, "decode": decode_ms}
+            live.append((job, pixels, queue_ms))
+        if not live:
+            return
+        snapshot = self.watcher.snapshot
+        t0 = time.monotonic()
+        try:
+            scored = self.engine.infer(np.stack([p for _, p, _ in live]), [j.header.product for j, _, _ in live],
+                                       snapshot, maps=self.cfg.publish.heatmaps != "none")
+        except Exception as err:  # e.g. out of memory: fail this batch's frames loudly, keep serving
+            self.log.error("engine_failed", batch=len(live), error=repr(err))
+            for job, _, queue_ms in live:
+                self._emit(job, ERROR, REASON_ENGINE, Latency(queue=round(queue_ms, 3)))
+            return
+        done = time.monotonic()
+        infer_ms = round(1000 * (done - t0), 3)
+        self.metrics.observe_batch(len(live))
+        for (job, _, _), s in zip(live, scored):
+            lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
+            result = self._result(job, s.verdict, s.reason, score=s.score, threshold=self.engine.threshold,
+                                  product=s.product, route_similarity=s.route_similarity, latency_ms=lat)
+            result = dataclasses.replace(result, bank_epoch=snapshot.epoch)
+            self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done))
+            self.processed += 1
+
+    def _emit(self, job: Job, verdict: str, reason: str, latency: Latency) -> None:
+        self.publisher.submit(Outgoing(self._result(job, verdict, reason, latency_ms=latency), recv_s=job.recv_s,
+                                       ready_s=time.monotonic()))
+        self.processed += 1
+
+    # -- stopping --------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(EXIT_SECOND_SIGNAL)  # the operator insists: no drain
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop ingest now; ``run`` then drains accepted frames and returns."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.status = "stopping"
+        if self.stream is not None:
+            self.stream.beat_now()
+        self.notifier.stopping()
+        if self.health is not None:
+            self.health.set_ready(False, "stopping")
+        threading.Thread(target=self._stop_ingest, name="stop-ingest", daemon=True).start()
+
+    def _stop_ingest(self) -> None:
+        self.ingest.stop()
+        self._ingest_stopped.set()
+
+    def _shutdown(self) -> int:
+        self.log.info("worker_draining", queued=len(self.queue), pending=self.publisher.pending())
+        if not self._stop.is_set():
+            self._stop.set()
+            self._stop_ingest()
+        self.ingest.stop()
+        for job in self.queue.get_batch(len(self.queue) or 1, 0.0, 0.0):  # frames that arrived after the loop ended
+            self._dropped(job)
+        self.queue.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.publisher.stop()
+        if self.stream is not None:
+            self.stream.stop()
+        self.watcher.stop()
+        self.store.close()
+        if self.health is not None:
+            self.health.stop()
+        self.context.term()
+        counts = self.publisher.counts
+        self.log.info("worker_stopped", received=self.ingest.received, published=self.publisher.published,
+                      verdicts=counts, stream_lost=self.stream.lost if self.stream else 0)
+        return 0
