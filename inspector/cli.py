@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub.add_parser("train", help="fit a model on source classes and write an artifact"))
     _add_eval(sub.add_parser("eval", help="evaluate an artifact on unseen target classes"))
     _add_synth(sub.add_parser("synth", help="write a synthetic MVTec-layout dataset"))
-    _add_demo(sub.add_parser("demo", help="end to end on generated data: synth, train, eval"))
+    _add_demo(sub.add_parser("demo", help="the whole product on generated data: fit, register, serve, stream, add a product live"))
     add_bank_parser(sub)
     add_run_parser(sub)
     return parser
@@ -92,9 +92,11 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="inspector-demo", help="folder for data, model and report")
+    p.add_argument("--out", default="inspector-demo", help="folder for data, model, banks, heatmaps and summary")
     p.add_argument("--weights", help="backbone safetensors (found automatically if present)")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150, help="flow training steps")
+    p.add_argument("--frames", type=int, default=240, help="frames streamed to the worker")
+    p.add_argument("--rate", type=float, default=6.0, help="frames per second sent")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -207,7 +209,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), find_weights(args.weights), args.steps, progress=not args.quiet)
+    return run_demo(Path(args.out), find_weights(args.weights), args.steps, progress=not args.quiet,
+                    frames=args.frames, rate=args.rate)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,
