@@ -1,4 +1,4 @@
-"""``inspector``: one thin command line for training, evaluation and the demo.
+"""``inspector``: one thin command line: train, evaluate, register products, serve a line, demo.
 
 Each command parses, builds, calls and prints; the logic lives in ``inspector`` and ``trainer``.
 """
@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .cli_bank import add_bank_parser, cmd_bank
 from .cli_run import add_run_parser, cmd_run
+from .cli_stream import STREAM_COMMANDS, add_stream_parsers
 
 DEFAULT_WEIGHTS_ENV = "INSPECTOR_BACKBONE_WEIGHTS"
 SHARED_WEIGHTS = Path("shared/weights/resnet18-imagenet1k-l1-l3.safetensors")
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub.add_parser("demo", help="the whole product on generated data: fit, register, serve, stream, add a product live"))
     add_bank_parser(sub)
     add_run_parser(sub)
+    add_stream_parsers(sub)
     return parser
 
 
@@ -214,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,
-            "run": cmd_run}
+            "run": cmd_run, **STREAM_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,7 @@ from .publish import Outgoing, Publisher, StreamWriter
 from .wire import DROPPED, ERROR, TIMEOUT, Latency, Result, WireError, WireLimits
 
 LOOP_POLL_S = 0.25  # the loop wakes this often without frames: watchdog pings and stop checks
+STATS_EVERY_S = 60.0  # aggregate log line: frames are never logged one by one on the hot path
 REASON_OVERLOAD = "overload"
 REASON_DEADLINE = "deadline_exceeded"
 REASON_ENGINE = "engine_error"
@@ -209,9 +210,13 @@ class Worker:
             self.start()
         watchdog_every = self.notifier.watchdog_interval_s()
         next_ping = 0.0
+        next_stats = time.monotonic() + STATS_EVERY_S
         b = self.cfg.batch
         while True:
             now = time.monotonic()
+            if now >= next_stats:
+                self._log_stats()
+                next_stats = now + STATS_EVERY_S
             if self.health is not None:
                 self.health.beat()
             if watchdog_every and now >= next_ping:
@@ -274,6 +279,12 @@ class Worker:
             result = dataclasses.replace(result, bank_epoch=snapshot.epoch)
             self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done))
             self.processed += 1
+
+    def _log_stats(self) -> None:
+        snap = self.watcher.snapshot
+        self.log.info("worker_stats", received=self.ingest.received, published=self.publisher.published,
+                      verdicts=dict(self.publisher.counts), queued=len(self.queue), bank_epoch=snap.epoch,
+                      products=len(snap.products), stream_lost=self.stream.lost if self.stream else 0)
 
     def _emit(self, job: Job, verdict: str, reason: str, latency: Latency) -> None:
         self.publisher.submit(Outgoing(self._result(job, verdict, reason, latency_ms=latency), recv_s=job.recv_s,

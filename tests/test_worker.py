@@ -340,3 +340,21 @@ def test_bad_artifact_is_a_clear_startup_error(tmp_path) -> None:
                           env=env, capture_output=True, text=True, timeout=RESULT_TIMEOUT_S)
     assert proc.returncode == 2
     assert "not a model artifact" in proc.stderr and "startup_failed" in proc.stdout
+
+
+def test_camera_simulator_and_tail_with_the_worker(line, tmp_path) -> None:
+    """``inspector publish``'s camera feeds the worker; the tail's summary accounts for every frame."""
+    from inspector.camera import CameraConfig, FrameSource, publish_frames
+    from inspector.tail import summarize
+
+    ln = line()
+    record = tmp_path / "sent.jsonl"
+    source = FrameSource.generated(("tiles", "rings"), size=64, per_product=3)
+    sent = publish_frames(source, CameraConfig(connect=ln.worker.cfg.ingest.bind, camera="cam1", rate_fps=0,
+                                               count=10), record=record)
+    assert sent.sent == 10
+    results = ln.results(10)
+    ids = [json.loads(line)["frame_id"] for line in record.read_text().splitlines()]
+    assert sorted(r.frame_id for r, _ in results) == sorted(ids)
+    summary = summarize(results)
+    assert summary.received == 10 and sum(summary.counts.values()) == 10 and summary.malformed == 0
