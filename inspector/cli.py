@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .cli_bank import add_bank_parser, cmd_bank
+from deploy.cli import add_install_parser, cmd_install
+
+from .cli_compile import add_compile_parser, cmd_compile
 from .cli_run import add_run_parser, cmd_run
 from .cli_stream import STREAM_COMMANDS, add_stream_parsers
 
@@ -44,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bank_parser(sub)
     add_run_parser(sub)
     add_stream_parsers(sub)
+    add_compile_parser(sub)
+    add_install_parser(sub)
     return parser
 
 
@@ -216,7 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,
-            "run": cmd_run, **STREAM_COMMANDS}
+            "run": cmd_run, "compile": cmd_compile, "install": cmd_install,
+            **STREAM_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

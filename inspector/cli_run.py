@@ -14,7 +14,8 @@ RUN_FLAGS = {
     "device": "engine.device",
     "precision": "engine.precision",
     "threshold": "engine.threshold",
-    "compile": "engine.compile",
+    "backend": "engine.backend",
+    "compiled": "engine.compiled",
     "bind": "ingest.bind",
     "queue_size": "ingest.queue_size",
     "overload": "ingest.overload",
@@ -38,7 +39,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto | cpu | cuda [engine.device]")
     p.add_argument("--precision", help="fp32 | fp16 [engine.precision]")
     p.add_argument("--threshold", help="override the model's threshold [engine.threshold]")
-    p.add_argument("--compile", help="none | inductor [engine.compile]")
+    p.add_argument("--backend", help="torch | inductor | onnx | tensorrt [engine.backend]")
+    p.add_argument("--compiled", help="compiled program from `inspector compile` [engine.compiled]")
     p.add_argument("--bind", help="ingest PULL endpoint [ingest.bind]")
     p.add_argument("--queue-size", help="bounded ingest queue [ingest.queue_size]")
     p.add_argument("--overload", help="drop_oldest | drop_newest | block [ingest.overload]")

@@ -151,6 +151,9 @@ def _opt(default: Any, check: Check | None = None, choices: tuple[str, ...] | No
     return field(default=default, metadata=_meta(check, choices))
 
 
+BACKENDS = ("torch", "inductor", "onnx", "tensorrt")
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """ZMQ PULL socket, limits on what a frame may be, and the bounded ingest queue."""
@@ -184,7 +187,8 @@ class EngineConfig:
     artifact: str = _opt("")
     device: str = _opt("auto", choices=DEVICES)
     precision: str = _opt("fp32", choices=PRECISIONS)
-    compile: str = _opt("none", _non_empty)
+    backend: str = _opt("torch", choices=BACKENDS)  # torch (eager) | inductor | onnx | tensorrt
+    compiled: str = _opt("")  # compiled program for onnx / tensorrt ("" = <artifact>/compiled/<backend>.*)
     batch_sizes: tuple[int, ...] = _opt((1, 2, 4), _batch_sizes)
     threshold: float | None = _opt(None)
     min_route_similarity: float | None = _opt(None, _cosine)  # None: the model card's gate

@@ -7,8 +7,10 @@ passed per call, so a bank swap takes effect between two batches and never insid
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Sequence
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from .artifact import ModelCard
 from .banks.watcher import BankSnapshot
 from .model import InspectionModel
 from .model.config import CALIBRATION_MODES
+from .model.serving import ServingGraph, input_names
 
 REASON_ANOMALY = "anomaly"  # score over the threshold
 REASON_UNKNOWN = "unknown_product"  # no registered product matches the frame well enough
@@ -33,6 +36,112 @@ class EngineSettings:
     threshold: float | None = None
     min_route_similarity: float | None = None
     threads: int | None = None
+    backend: str = "torch"
+    compiled: str = ""
+    batch_sizes: tuple[int, ...] = (1,)
+    products: int | None = None  # bank rows the engine is given (capacity_products)
+
+
+def bank_capacity(model: InspectionModel) -> tuple[int, ...]:
+    """Vectors per level a bank may hold: every position of ``shots`` images, or the coreset cap."""
+    shots, cap = model.cfg.bank.shots, model.cfg.bank.coreset
+    full = [shots * h * w for h, w in model.grids]
+    return tuple(min(f, cap) if cap else f for f in full)
+
+
+@dataclass(frozen=True)
+class ProgramKey:
+    """What a compiled program was built for; the worker refuses any difference."""
+
+    model_id: str
+    backend: str
+    precision: str
+    batch_min: int
+    batch_max: int
+    capacity: list[int]
+    products: int
+    calibration: str
+    input_size: int
+    device: str
+    runtime: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, path: Path) -> "ProgramKey":
+        side = path.with_suffix(".json")
+        if not side.is_file():
+            raise ValueError(f"compiled program {path} has no key file {side}: rebuild it with inspector compile")
+        try:
+            return cls(**json.loads(side.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{side} is not a valid program key ({err}): rebuild it with inspector compile") from err
+
+
+def runtime_version(backend: str) -> str:
+    """The runtime a program of ``backend`` is bound to (a different one needs a rebuild)."""
+    if backend == "onnx":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    if backend == "tensorrt":
+        import tensorrt  # noqa: F401  (present wherever torch-tensorrt is)
+        import torch_tensorrt
+
+        return f"tensorrt {tensorrt.__version__}, torch-tensorrt {torch_tensorrt.__version__}"
+    return f"torch {torch.__version__}"
+
+
+PROGRAM_SUFFIX = {"onnx": ".onnx", "tensorrt": ".ep"}
+
+
+def default_program_path(artifact: str | Path, backend: str, precision: str) -> Path:
+    return Path(artifact) / "compiled" / f"{backend}-{precision}{PROGRAM_SUFFIX[backend]}"
+
+
+Runner = Callable[..., Sequence]
+
+
+def make_runner(backend: str, model: InspectionModel, calibration: str, program: Path | None,
+                device: str = "cpu") -> Runner:
+    """A callable ``(images, hint, prototypes, stats, *levels) -> Inspection fields`` for a backend."""
+    if backend == "torch":
+        graph = ServingGraph(model, calibration).eval()
+        return lambda *args: graph(*args)
+    if backend == "inductor":
+        graph = torch.compile(ServingGraph(model, calibration).eval(), dynamic=True)
+        return lambda *args: graph(*args)
+    if backend == "onnx":
+        return _onnx_runner(program, len(model.channels))
+    if backend == "tensorrt":
+        return _tensorrt_runner(program)
+    raise ValueError(f"engine.backend must be torch, inductor, onnx or tensorrt, got {backend!r}")
+
+
+def _onnx_runner(program: Path, levels: int) -> Runner:
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ValueError("engine.backend onnx needs onnxruntime: install the `onnx` extra") from err
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(program), providers=providers)
+    names = input_names(levels)
+
+    def run(*args: torch.Tensor) -> list[torch.Tensor]:
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+    return run
+
+
+def _tensorrt_runner(program: Path) -> Runner:
+    try:
+        import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the program calls)
+    except ImportError as err:
+        raise ValueError("engine.backend tensorrt needs torch-tensorrt: install the `tensorrt` extra") from err
+    module = torch.export.load(str(program)).module()
+    return lambda *args: module(*(a.cuda() for a in args))
 
 
 @dataclass(frozen=True)
@@ -89,6 +198,44 @@ class Engine:
         )
         self.input_size = model.input_size
         self._bank_device: tuple[int, object] | None = None
+        self.backend = settings.backend
+        self.program = None
+        if settings.backend in ("onnx", "tensorrt"):
+            self.program = self._checked_program(settings)
+        self.runner = make_runner(settings.backend, self.model, self.calibration, self.program, str(self.device))
+
+    def _checked_program(self, settings: EngineSettings) -> Path:
+        """The compiled program, refused unless its key matches this engine exactly."""
+        path = Path(settings.compiled) if settings.compiled else None
+        if path is None:
+            raise ValueError(f"engine.backend {settings.backend} needs engine.compiled: the program written by "
+                             f"inspector compile --backend {settings.backend}")
+        if not path.exists():
+            raise ValueError(f"compiled program {path} does not exist: build it with inspector compile "
+                             f"--artifact ARTIFACT --backend {settings.backend}")
+        key = ProgramKey.read(path)
+        device = torch.cuda.get_device_name() if settings.backend == "tensorrt" and torch.cuda.is_available() else "cpu"
+        want = {
+            "model_id": self.card.model_id, "backend": settings.backend, "precision": settings.precision,
+            "capacity": list(bank_capacity(self.model)), "calibration": self.calibration,
+            "input_size": self.model.input_size, "runtime": runtime_version(settings.backend),
+        }
+        if settings.backend == "tensorrt":
+            want["device"] = device
+        if settings.products is not None:
+            want["products"] = settings.products
+        have = asdict(key)
+        wrong = [f"{k} is {have[k]!r}, this worker needs {v!r}" for k, v in want.items() if have[k] != v]
+        sizes = [b for b in settings.batch_sizes if not key.batch_min <= b <= key.batch_max]
+        if sizes:
+            wrong.append(f"batch range is {key.batch_min}..{key.batch_max}, this worker uses {sorted(settings.batch_sizes)}")
+        if wrong:
+            raise ValueError(
+                f"compiled program {path} does not match: {'; '.join(wrong)}. Rebuild it: inspector compile "
+                f"--artifact ARTIFACT --backend {settings.backend} --precision {settings.precision} --batch "
+                f"{','.join(map(str, sorted(set(settings.batch_sizes))))} --products {settings.products or key.products}"
+                + (f" --calibration {self.calibration}" if self.calibration else ""))
+        return path
 
     def _bank(self, snapshot: BankSnapshot):
         """The snapshot's tensors on the engine's device, moved once per snapshot."""
@@ -118,13 +265,14 @@ class Engine:
         hint = torch.tensor([0 if r is None else r for r in hint_rows], dtype=torch.long, device=self.device)
         images = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
+        bank = self._bank(snapshot)
         with autocast:
-            ins = self.model.inspect(self.model.analyse(self.model.extract(images), self._bank(snapshot), hint),
-                                     self.calibration)
-        score = ins.score.float().cpu().numpy()
-        product = ins.product.cpu().numpy()
-        sim = ins.route_similarity.float().cpu().numpy()
-        cal = ins.calibrated_map[:, 0].float().cpu().numpy() if maps else None
+            out = self.runner(images, hint, bank.prototypes, bank.stats, *bank.features)
+        cal_map, _, score, product, sim = (torch.as_tensor(o) for o in out[:5])
+        score = score.float().cpu().numpy()
+        product = product.cpu().numpy()
+        sim = sim.float().cpu().numpy()
+        cal = cal_map[:, 0].float().cpu().numpy() if maps else None
         out = []
         for i in range(n):
             heat = cal[i] if cal is not None else None

@@ -37,7 +37,7 @@ from .banks import BankWatcher, build_snapshot, open_store
 from .banks.record import BankMeta
 from .batcher import FrameQueue, Job
 from .config import WorkerConfig, redacted
-from .engine import Engine, EngineSettings
+from .engine import Engine, EngineSettings, bank_capacity
 from .metrics import HealthServer, WorkerMetrics
 from .model.bank import build_bank
 from .notify import Notifier
@@ -87,30 +87,23 @@ class Worker:
         t0 = time.perf_counter()
         model, card = load_artifact(cfg.engine.artifact)
         e = cfg.engine
-        self.engine = Engine(model, card, EngineSettings(e.device, e.precision, e.calibration, e.threshold,
-                                                         e.min_route_similarity, e.threads))
-        if e.compile == "inductor":
-            self.engine.model.backbone = torch.compile(self.engine.model.backbone)
+        sizes = tuple(sorted(set(e.batch_sizes) | {cfg.batch.max_batch}))
+        self.engine = Engine(model, card, EngineSettings(
+            e.device, e.precision, e.calibration, e.threshold, e.min_route_similarity, e.threads, e.backend,
+            e.compiled, sizes, cfg.banks.capacity_products))
         self.card = card
         self.metrics.set_info(cfg.line, card.model_id)
         self.log = self.log.bind(model=card.model_id)
-        self.log.info("model_loaded", artifact=e.artifact, device=str(self.engine.device),
+        self.log.info("model_loaded", artifact=e.artifact, device=str(self.engine.device), backend=e.backend,
                       threshold=self.engine.threshold, calibration=self.engine.calibration,
                       min_route_similarity=self.engine.min_route_similarity,
                       seconds=round(time.perf_counter() - t0, 2))
         b = cfg.banks
         self.store = open_store(b.store, b.prefix, b.keep_versions, b.password, b.username, b.tls_ca_file)
-        capacity = self._capacity(model)
+        capacity = bank_capacity(model)
         self.watcher = BankWatcher(self.store, cfg.line, card.signature, model.channels, capacity,
                                    b.capacity_products, b.poll_interval_s, on_event=self._bank_event)
         self.watcher.start(initial_timeout=b.poll_interval_s)
-
-    @staticmethod
-    def _capacity(model) -> tuple[int, ...]:
-        """Vectors per level a bank may hold: every position of ``shots`` images, or the coreset cap."""
-        shots, cap = model.cfg.bank.shots, model.cfg.bank.coreset
-        full = [shots * h * w for h, w in model.grids]
-        return tuple(min(f, cap) if cap else f for f in full)
 
     def _bank_event(self, event: str, **fields: Any) -> None:
         if event == "bank_swapped":

@@ -1,0 +1,145 @@
+"""Engine throughput per backend, precision and batch size, with the bank capacity as a parameter.
+
+    python benchmarks/engine.py [--artifact DIR] [--backends torch,onnx,inductor] [--batches 1,2,4,8]
+                                [--products 2] [--repeats 5] [--device auto]
+
+Times ``Engine.infer`` (the worker's call: uint8 frames in, scores and maps out) on random frames
+against a bank of ``--products`` products at the model's full capacity, after a warm-up (which
+includes compiling for inductor). On CUDA it also runs fp16 and bf16 autocast for eager and
+``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``), and relates throughput to the
+model's multiply-accumulates (``benchmarks/results/cost.json``) to say how far from peak it runs.
+Without ``--artifact``: the default configuration (256 px) with the offline backbone and untrained
+heads, the same arithmetic as a trained model. Results: ``benchmarks/results/engine-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import commit, machine  # noqa: E402
+
+from deploy.compile import compile_program  # noqa: E402
+from inspector.artifact import load_artifact, save_artifact  # noqa: E402
+from inspector.banks import build_snapshot  # noqa: E402
+from inspector.banks.record import BankMeta  # noqa: E402
+from inspector.engine import Engine, EngineSettings, bank_capacity  # noqa: E402
+from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
+
+
+def snapshot(model, products: int):
+    banks = {}
+    for p in range(products):
+        feats = [torch.randn(model.cfg.bank.shots, c, h, w) for c, (h, w) in zip(model.channels, model.grids)]
+        bank = build_bank(feats, model.cfg.bank.coreset).with_stats(0.0, 1.0)
+        banks[f"p{p}"] = (bank, BankMeta(f"p{p}", "", 4, [], [list(f.shape) for f in bank.features], 0.0, 1.0, "", ""))
+    return build_snapshot(1, banks, bank_capacity(model), products)
+
+
+def time_engine(engine: Engine, snap, batches, repeats: int) -> dict:
+    out = {}
+    size = engine.input_size
+    for b in batches:
+        x = np.random.default_rng(b).integers(0, 255, (b, size, size, 3), dtype=np.uint8)
+        t0 = time.perf_counter()
+        engine.infer(x, [None] * b, snap)  # warm-up (and compilation for this shape)
+        warm = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.infer(x, [None] * b, snap)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        out[str(b)] = {"batch_ms": round(1000 * t, 2), "images_per_s": round(b / t, 2), "warmup_s": round(warm, 2)}
+        print(f"[engine] {engine.backend} batch {b}: {1000 * t:.1f} ms, {b / t:.2f} img/s", file=sys.stderr)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifact")
+    p.add_argument("--backends", default="torch,onnx,inductor")
+    p.add_argument("--batches", default="1,2,4,8")
+    p.add_argument("--products", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    artifact = args.artifact
+    if artifact is None:
+        torch.manual_seed(0)
+        model = InspectionModel(ModelConfig()).eval()
+        sha = load_backbone_weights(model.backbone, WEIGHTS) if WEIGHTS.is_file() else None
+        save_artifact(model, work / "model", sha)
+        artifact = str(work / "model")
+    model, card = load_artifact(artifact)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    snap = snapshot(model, args.products)
+    variants = []
+    for backend in args.backends.split(","):
+        precisions = ["fp32"] + (["fp16", "bf16"] if device == "cuda" and backend in ("torch", "inductor") else [])
+        for precision in precisions:
+            variants.append((backend, precision))
+    results = []
+    for backend, precision in variants:
+        settings = {"device": device, "backend": backend, "batch_sizes": tuple(batches), "products": args.products}
+        if precision != "fp32":
+            settings["precision"] = "fp16"  # bf16 is timed through autocast below
+        if backend == "onnx":
+            path, _, _ = compile_program(artifact, "onnx", batches, "fp32", args.products, out=work / "m.onnx",
+                                         say=lambda m: print(f"[engine] {m}", file=sys.stderr))
+            settings["compiled"] = str(path)
+        t0 = time.perf_counter()
+        engine = Engine(*load_artifact(artifact), EngineSettings(**settings))
+        if precision == "bf16":
+            engine.fp16 = False
+            _wrap_bf16(engine)
+        setup_s = time.perf_counter() - t0
+        timing = time_engine(engine, snap, batches, args.repeats)
+        results.append({"backend": backend, "precision": precision, "setup_s": round(setup_s, 1), "batches": timing})
+    cost = json.loads((REPO / "benchmarks" / "results" / "cost.json").read_text()) if (REPO / "benchmarks" / "results" / "cost.json").is_file() else None
+    gmac = cost.get("gmacs_total") if isinstance(cost, dict) else None
+    result = {"machine": machine(), "commit": commit(), "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "device": torch.cuda.get_device_name() if device == "cuda" else machine()["cpu"],
+              "input_size": model.input_size, "products": args.products, "capacity": list(bank_capacity(model)),
+              "gmac_per_image": gmac, "results": results}
+    if gmac:
+        for r in results:
+            best = max(v["images_per_s"] for v in r["batches"].values())
+            r["achieved_gmac_per_s"] = round(best * gmac, 1)
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"engine-{device}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({f"{r['backend']}/{r['precision']}": {b: v["images_per_s"] for b, v in r["batches"].items()}
+                      for r in results}, indent=2))
+    return 0
+
+
+def _wrap_bf16(engine: Engine) -> None:
+    """Run the engine's graph under bf16 autocast (CUDA only)."""
+    run = engine.runner
+
+    def bf16(*args):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return run(*args)
+
+    engine.runner = bf16
+
+
+if __name__ == "__main__":
+    sys.exit(main())
