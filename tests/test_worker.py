@@ -358,3 +358,25 @@ def test_camera_simulator_and_tail_with_the_worker(line, tmp_path) -> None:
     assert sorted(r.frame_id for r, _ in results) == sorted(ids)
     summary = summarize(results)
     assert summary.received == 10 and sum(summary.counts.values()) == 10 and summary.malformed == 0
+
+
+def test_worker_serves_a_compiled_onnx_program(line, line_setup, tmp_path) -> None:
+    """engine.backend = onnx: the worker loads the keyed program and serves the same verdicts."""
+    from deploy.compile import compile_program
+
+    path, _, _ = compile_program(line_setup / "model", "onnx", [1, 2], "fp32", products=16,
+                                 out=tmp_path / "m.onnx", say=lambda _m: None)
+    eager = line()
+    onnx = line(**{"engine.backend": "onnx", "engine.compiled": str(path)})
+    rng = np.random.default_rng(3)
+    images = [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(4)]
+    verdicts = []
+    for ln in (eager, onnx):
+        for i, img in enumerate(images):
+            ln.send(f"c{i}", img)
+        verdicts.append({r.frame_id: r for r, _ in ln.results(4)})
+    assert sorted(verdicts[0]) == sorted(verdicts[1]) == [f"c{i}" for i in range(4)]
+    for fid, want in verdicts[0].items():
+        got = verdicts[1][fid]
+        assert (got.verdict, got.product) == (want.verdict, want.product)
+        assert abs(got.score - want.score) <= 1e-4  # fp32 on both sides; reordered sums differ by ~1e-6
