@@ -58,18 +58,30 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
 def to_model_input(data: bytes, size: int) -> np.ndarray:
-    """Image file bytes -> ``(size, size, 3)`` uint8 RGB, as the worker prepares a frame."""
+    """Image file bytes -> ``(size, size, 3)`` uint8 RGB, exactly as the worker prepares a frame.
+
+    PNG and JPEG go through the worker's own decoder (``inspector.decode``), so a product
+    registered from files and the same images streamed by a camera give the same pixels; other
+    formats (BMP, TIFF) are converted by Pillow the same way.
+    """
+    from ..decode import decode_image, resize_square
+    from ..wire import FrameHeader
+
+    encoding = "png" if data.startswith(PNG_MAGIC) else "jpeg" if data.startswith(JPEG_MAGIC) else None
+    if encoding is not None:
+        header = FrameHeader(frame_id="shot", camera="bank", ts_ns=0, encoding=encoding)
+        return resize_square(decode_image(header, data), size)
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
-            peak = max(float(arr.max()), 1.0)
-            img = Image.fromarray((arr * (255.0 / max(peak, 255.0))).astype(np.uint8))
-        rgb = img.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.BILINEAR)
-        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+            img = Image.fromarray(np.clip(arr * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8))
+        return resize_square(np.asarray(img.convert("RGB"), dtype=np.uint8), size)
 
 
 def read_shots(paths: Sequence[str | Path], size: int) -> list[ShotImage]:
@@ -79,7 +91,7 @@ def read_shots(paths: Sequence[str | Path], size: int) -> list[ShotImage]:
         data = path.read_bytes()
         try:
             pixels = to_model_input(data, size)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, ValueError) as err:  # DecodeError is a ValueError
             raise BankError("bad_image", f"{path} is not a readable image: {err}") from err
         shots.append(ShotImage(path.name, hashlib.sha256(data).hexdigest(), pixels))
     return shots
