@@ -197,7 +197,7 @@ class Engine:
             settings.min_route_similarity if settings.min_route_similarity is not None else score.min_route_similarity
         )
         self.input_size = model.input_size
-        self._bank_device: tuple[int, object] | None = None
+        self._bank_device: tuple[BankSnapshot, object] | None = None
         self.backend = settings.backend
         self.program = None
         if settings.backend in ("onnx", "tensorrt"):
@@ -238,12 +238,16 @@ class Engine:
         return path
 
     def _bank(self, snapshot: BankSnapshot):
-        """The snapshot's tensors on the engine's device, moved once per snapshot."""
-        if self._bank_device is None or self._bank_device[0] != id(snapshot):
+        """The snapshot's tensors on the engine's device, moved once per snapshot.
+
+        The cache holds the snapshot itself and compares identity: an ``id()`` could be reused by
+        a new snapshot once the old one is freed, which would serve a stale bank.
+        """
+        if self._bank_device is None or self._bank_device[0] is not snapshot:
             t = snapshot.tensors
             moved = type(t)(tuple(f.to(self.device) for f in t.features), t.prototypes.to(self.device),
                             t.stats.to(self.device))
-            self._bank_device = (id(snapshot), moved)
+            self._bank_device = (snapshot, moved)
         return self._bank_device[1]
 
     @torch.inference_mode()
