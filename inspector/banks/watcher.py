@@ -163,6 +163,8 @@ class BankWatcher:
                 self._event("bank_refused", "warning", product=product, reason="over_capacity",
                             detail=f"the engine holds {self.capacity_products} products")
                 del banks[product]
+        # Forget refusals of versions no longer active, so months of bad uploads cost no memory.
+        self._refused = {k: v for k, v in self._refused.items() if state.products.get(k[0]) == k[1]}
         snap = build_snapshot(state.epoch, banks, self.capacity, self.capacity_products)
         self.snapshot = snap  # one reference assignment: the engine sees the old or the new
         self._event("bank_swapped", epoch=snap.epoch, products=list(snap.products),
