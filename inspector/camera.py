@@ -29,6 +29,7 @@ import zmq
 from PIL import Image
 
 from .decode import DEFAULT_JPEG_QUALITY, encode_jpeg, encode_png
+from .security import optional_client_configurer
 from .wire import CAMERA_PATTERN, ENCODINGS, FrameHeader, encode_frame
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"  # the worker's default ingest endpoint (IngestConfig.bind)
@@ -347,6 +348,8 @@ class CameraConfig:
     send_timeout_ms: int = DEFAULT_SEND_TIMEOUT_MS
     linger_ms: int = DEFAULT_LINGER_MS
     run_id: str | None = None  # frame id prefix; random when None
+    curve_server_key: str | None = None  # the worker's public certificate: send over CURVE
+    curve_client_key: str | None = None  # this camera's secret certificate (with curve_server_key)
 
     def __post_init__(self) -> None:
         if CAMERA_PATTERN.fullmatch(self.camera) is None:
@@ -364,6 +367,8 @@ class CameraConfig:
         if self.run_id is not None and CAMERA_PATTERN.fullmatch(self.run_id) is None:
             raise ValueError(f"run id {self.run_id!r} must match {CAMERA_PATTERN.pattern}")
         arrival_offsets(self.rate_fps, self.poisson)  # validates rate and Poisson together
+        if bool(self.curve_server_key) != bool(self.curve_client_key):
+            raise ValueError("CURVE needs both the worker's public key and this camera's secret key")
 
 
 @dataclass
@@ -433,7 +438,7 @@ def encode_payload(
 
 
 class Camera:
-    """A PUSH socket connected to a worker, sending frames of one source.
+    """A PUSH socket connected to a worker (over CURVE when ``cfg`` names keys), sending frames of one source.
 
     Args:
         cfg: camera settings.
@@ -454,8 +459,11 @@ class Camera:
         self.socket.setsockopt(zmq.SNDTIMEO, cfg.send_timeout_ms)
         self.socket.setsockopt(zmq.LINGER, cfg.linger_ms)
         try:
+            curve = optional_client_configurer(cfg.curve_server_key, cfg.curve_client_key)
+            if curve is not None:
+                curve(self.socket)
             self.socket.connect(cfg.connect)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, ValueError):
             self.close()
             raise
 

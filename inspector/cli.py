@@ -18,6 +18,7 @@ from deploy.cli import add_install_parser, cmd_install
 
 from .cli_compile import add_compile_parser, cmd_compile
 from .cli_run import add_run_parser, cmd_run
+from .reconcile import add_reconcile_parser, cmd_reconcile
 from .cli_stream import STREAM_COMMANDS, add_stream_parsers
 
 DEFAULT_WEIGHTS_ENV = "INSPECTOR_BACKBONE_WEIGHTS"
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_parsers(sub)
     add_compile_parser(sub)
     add_install_parser(sub)
+    add_reconcile_parser(sub)
     return parser
 
 
@@ -222,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,
             "run": cmd_run, "compile": cmd_compile, "install": cmd_install,
-            **STREAM_COMMANDS}
+            "reconcile": cmd_reconcile, **STREAM_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,6 +65,8 @@ def _add_publish(p: argparse.ArgumentParser) -> None:
                    help="longest wait at the high-water mark before a frame counts as not sent")
     p.add_argument("--no-block", action="store_true", help="at the high-water mark do not wait: count the frame as not sent")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--curve-server-key", metavar="FILE", help="the worker's public CURVE certificate (secure mode)")
+    p.add_argument("--curve-client-key", metavar="FILE", help="this client's secret CURVE certificate (secure mode)")
 
 
 def _add_tail(p: argparse.ArgumentParser) -> None:
@@ -76,6 +78,8 @@ def _add_tail(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", metavar="FILE", help="write each result header to FILE as JSON lines")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="results in the sliding latency window")
     p.add_argument("--rcvhwm", type=int, default=DEFAULT_RCVHWM, help="results queued for this reader before drops")
+    p.add_argument("--curve-server-key", metavar="FILE", help="the worker's public CURVE certificate (secure mode)")
+    p.add_argument("--curve-client-key", metavar="FILE", help="this client's secret CURVE certificate (secure mode)")
 
 
 def _usage_error(message: str) -> int:
@@ -98,6 +102,7 @@ def _camera_config(args: argparse.Namespace) -> CameraConfig:
         rate_fps=args.rate, poisson=args.poisson, seed=args.seed, count=args.count,
         duration_s=args.duration, hint=args.hint, deadline_ms=args.deadline_ms, sndhwm=args.sndhwm,
         block=not args.no_block, send_timeout_ms=args.send_timeout_ms,
+        curve_server_key=args.curve_server_key, curve_client_key=args.curve_client_key,
     )
 
 
@@ -132,7 +137,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Follow results and print the view; 0 on a normal end (count, duration or Ctrl-C)."""
     try:
         cfg = TailConfig(endpoint=args.connect, line=args.line, count=args.count, duration_s=args.duration,
-                         json_lines=args.json, record=args.record, window=args.window, rcvhwm=args.rcvhwm)
+                         json_lines=args.json, record=args.record, window=args.window, rcvhwm=args.rcvhwm,
+                         curve_server_key=args.curve_server_key, curve_client_key=args.curve_client_key)
     except ValueError as err:
         return _usage_error(str(err))
     try:

@@ -149,7 +149,7 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
     ingest, publish = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     cmd = [sys.executable, "-m", "inspector", "run", "--line", LINE_NAME, "--artifact", str(artifact),
            "--store", store, "--bind", ingest, "--publish-bind", publish, "--http-port", "0",
-           "--heatmaps", "all", "--poll-interval-s", "0.5", "--max-batch", "4", "--max-delay-ms", "20",
+           "--heatmaps", "all", "--poll-interval-s", str(POLL_S), "--max-batch", "4", "--max-delay-ms", "20",
            "--deadline-ms", "30000", "--log-level", "warning", "--set", "engine.batch_sizes=1,2,4"]
     log = open(out / "worker.log", "w")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -182,6 +182,8 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
         rx = threading.Thread(target=receive, daemon=True)
         rx.start()
         added_at = None
+        registered_at: list[int] = []  # index of the frame being sent when the registration returned
+        sending = [0]
         adder = None
         t0 = time.monotonic()
         for i, item in enumerate(stream):
@@ -190,10 +192,12 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
 
                 def add_live() -> None:
                     seconds = _bank_add(store, artifact, data, LIVE_PRODUCT)
+                    registered_at.append(sending[0])
                     _say(f"registered {LIVE_PRODUCT} live in {seconds:.1f}s (no worker restart)")
 
                 adder = threading.Thread(target=add_live)
                 adder.start()
+            sending[0] = i
             delay = t0 + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -220,7 +224,9 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
         sub.close(0)
         ctx.term()
         log.close()
-    return _summarise(out, stream, results, sent, added_at, exit_code)
+    summary = _summarise(out, stream, results, sent, added_at, exit_code)
+    summary["live_add"] = _live_add(stream, results, registered_at[0] if registered_at else None, rate)
+    return summary
 
 
 def progress_due(i: int, n: int) -> bool:
@@ -238,6 +244,23 @@ def _wait_ready(proc, push, sub) -> None:
                 sub.recv_multipart()
             return
     raise RuntimeError("the worker did not become ready in time; see worker.log")
+
+
+POLL_S = 0.5  # the worker's bank poll interval in the demo (--poll-interval-s)
+IN_FLIGHT_S = 1.0  # frames already queued or batched when the swap lands; one batch at this rate
+
+
+def _live_add(stream, results, registered_at: int | None, rate: float) -> dict:
+    """How the live registration took effect: the live product's frames sent after the
+    registration returned plus one poll interval and in-flight frames must all be served."""
+    if registered_at is None:
+        return {"registered_at_frame": None, "unknown_after_poll": None}
+    settle = registered_at + int(np.ceil(rate * (POLL_S + IN_FLIGHT_S)))
+    late = [it for i, it in enumerate(stream) if i >= settle and it["product"] == LIVE_PRODUCT]
+    unknown = sum(1 for it in late if (results.get(it["frame_id"]) or (None,))[0] is not None
+                  and results[it["frame_id"]][0].reason == "unknown_product")
+    return {"registered_at_frame": registered_at, "checked_from_frame": settle, "frames_checked": len(late),
+            "unknown_after_poll": unknown}
 
 
 def _summarise(out: Path, stream, results, sent, added_at, exit_code) -> dict:

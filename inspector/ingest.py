@@ -23,6 +23,10 @@ from .wire import FrameHeader, WireError, WireLimits, parse_frame
 
 RECV_POLL_MS = 100  # bounds how long a stop request waits for the ingest thread
 BLOCK_RETRY_S = 0.1  # with the "block" policy, re-check for shutdown this often while the queue is full
+# A message part up to this multiple of the payload limit is still received and answered with a
+# `payload_too_large` error result; a larger one makes ZeroMQ drop the connection before buffering
+# it, so a hostile sender cannot make ingest hold gigabytes (the peer sees a disconnect, no result).
+OVERSIZE_FACTOR = 4
 
 Reject = Callable[[WireError, int], None]
 Drop = Callable[[Job], None]
@@ -76,6 +80,7 @@ class Ingest:
         self.socket = context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, OVERSIZE_FACTOR * (limits.max_payload_bytes + limits.max_header_bytes))
         if configure is not None:
             configure(self.socket)
         self.socket.bind(bind)

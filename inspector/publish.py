@@ -98,7 +98,10 @@ class Publisher:
                     if self._stop.is_set():
                         break
                     continue
-                self._publish(item)
+                try:
+                    self._publish(item)
+                except Exception as err:  # one bad result must not silence every later one
+                    self._log.error("publish_failed", frame_id=item.result.frame_id, error=repr(err))
         finally:
             self.socket.close(linger=0)
 
@@ -109,9 +112,9 @@ class Publisher:
                 png = encode_heatmap(item.calibrated, self.scale)
                 result = dataclasses.replace(
                     result, heatmap=HeatmapInfo(shape=tuple(item.calibrated.shape), scale=self.scale))
-            except (ValueError, OSError) as err:
+            except Exception as err:  # a heatmap is optional: its failure costs the image, never the result
                 self.metrics.heatmap_error()
-                self._log.warning("heatmap_failed", frame_id=result.frame_id, error=str(err))
+                self._log.warning("heatmap_failed", frame_id=result.frame_id, error=repr(err))
         now = time.monotonic()
         lat = result.latency_ms
         if item.recv_s:

@@ -28,6 +28,7 @@ import numpy as np
 import zmq
 
 from .decode import decode_heatmap
+from .security import optional_client_configurer
 from .wire import VERDICTS, Result, WireError
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5556"  # the worker's default result endpoint (PublishConfig.bind)
@@ -204,10 +205,18 @@ class Tail:
         rcvhwm: results ZMQ queues for this reader before the publisher drops them.
         stats: where results are counted (a new one with the default window when None).
         context: a ZMQ context to share; by default the tail owns one and ends it on close.
+        curve_server_key: the worker's public certificate; with ``curve_client_key``, results
+            arrive over CURVE (a worker with CURVE sends nothing to a plain subscriber).
+        curve_client_key: this reader's secret certificate.
+
+    Raises:
+        ValueError: only one of the two CURVE keys is given, or a key file is unusable.
     """
 
     def __init__(self, endpoint: str = DEFAULT_CONNECT, line: str | None = None, rcvhwm: int = DEFAULT_RCVHWM,
-                 stats: ResultStats | None = None, context: zmq.Context | None = None) -> None:
+                 stats: ResultStats | None = None, context: zmq.Context | None = None,
+                 curve_server_key: str | None = None, curve_client_key: str | None = None) -> None:
+        curve = optional_client_configurer(curve_server_key, curve_client_key)
         self.stats = stats or ResultStats()
         self._own_context = context is None
         self.context = context or zmq.Context()
@@ -215,6 +224,8 @@ class Tail:
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SUBSCRIBE, subscription(line))
+        if curve is not None:
+            curve(self.socket)
         self.socket.connect(endpoint)
 
     def receive(self, timeout_ms: int = RECV_POLL_MS) -> tuple[Result, bytes] | None:
@@ -250,19 +261,21 @@ def collect_results(
     rcvhwm: int = DEFAULT_RCVHWM,
     context: zmq.Context | None = None,
     stats: ResultStats | None = None,
+    curve_server_key: str | None = None,
+    curve_client_key: str | None = None,
 ) -> list[tuple[Result, bytes]]:
     """Receive until ``count`` valid results or ``timeout_s`` seconds, whichever first.
 
     Malformed messages are skipped (counted in ``stats`` when given). A SUB socket sees only
     what is published after its subscription reached the publisher, so start this before the
-    frames are sent.
+    frames are sent. With both CURVE keys given, results arrive over CURVE (see :class:`Tail`).
 
     Returns:
         ``(result, heatmap PNG bytes or b"")`` in arrival order.
     """
     out: list[tuple[Result, bytes]] = []
     end = time.monotonic() + timeout_s
-    with Tail(endpoint, line, rcvhwm, stats, context) as tail:
+    with Tail(endpoint, line, rcvhwm, stats, context, curve_server_key, curve_client_key) as tail:
         while len(out) < count:
             left_ms = int((end - time.monotonic()) * 1000)
             if left_ms <= 0:
@@ -289,8 +302,12 @@ class TailConfig:
     record: str | None = None  # JSON-lines file of every result header
     window: int = DEFAULT_WINDOW
     rcvhwm: int = DEFAULT_RCVHWM
+    curve_server_key: str | None = None  # the worker's public certificate: receive over CURVE
+    curve_client_key: str | None = None  # this reader's secret certificate (with curve_server_key)
 
     def __post_init__(self) -> None:
+        if bool(self.curve_server_key) != bool(self.curve_client_key):
+            raise ValueError("CURVE needs both the worker's public key and this reader's secret key")
         if self.count is not None and self.count <= 0:
             raise ValueError(f"count must be positive, got {self.count}")
         if self.duration_s is not None and not self.duration_s > 0:
@@ -312,7 +329,8 @@ def run_tail(cfg: TailConfig, out: TextIO | None = None, stop: threading.Event |
     record = open(cfg.record, "w", encoding="utf-8") if cfg.record else None
     end = time.monotonic() + cfg.duration_s if cfg.duration_s is not None else None
     try:
-        with Tail(cfg.endpoint, cfg.line, cfg.rcvhwm, stats, context) as tail:
+        with Tail(cfg.endpoint, cfg.line, cfg.rcvhwm, stats, context, cfg.curve_server_key,
+                  cfg.curve_client_key) as tail:
             _follow(tail, cfg, out, record, end, stop)
     except KeyboardInterrupt:
         pass

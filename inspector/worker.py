@@ -33,7 +33,7 @@ import torch
 import zmq
 
 from .artifact import load_artifact
-from .banks import BankWatcher, build_snapshot, open_store
+from .banks import BankSnapshot, BankWatcher, build_snapshot, open_store
 from .banks.record import BankMeta
 from .batcher import FrameQueue, Job
 from .config import WorkerConfig, redacted
@@ -51,6 +51,14 @@ REASON_DEADLINE = "deadline_exceeded"
 REASON_ENGINE = "engine_error"
 REASON_SHUTDOWN = "shutdown"
 EXIT_SECOND_SIGNAL = 1
+# Epoch on the wire while no bank set has been loaded (the store was unreachable at start): the
+# wire's epoch is non-negative, and 0 is what a line with nothing registered reports anyway.
+NO_BANKS_EPOCH = 0
+
+
+def wire_epoch(snapshot: BankSnapshot) -> int:
+    """The bank epoch a result reports for ``snapshot`` (never the watcher's -1 before a first load)."""
+    return max(snapshot.epoch, NO_BANKS_EPOCH)
 
 
 class Worker:
@@ -163,11 +171,11 @@ class Worker:
     def _result(self, job: Job, verdict: str, reason: str | None, **fields: Any) -> Result:
         h = job.header
         return Result(frame_id=h.frame_id, camera=h.camera, line=self.cfg.line, verdict=verdict, reason=reason,
-                      model=self.card.model_id, bank_epoch=self.watcher.snapshot.epoch, ts_ns=h.ts_ns,
+                      model=self.card.model_id, bank_epoch=wire_epoch(self.watcher.snapshot), ts_ns=h.ts_ns,
                       done_ns=time.time_ns(), **fields)
 
     def _reject(self, err: WireError, recv_ns: int) -> None:
-        result = Result.for_error(err, self.cfg.line, self.card.model_id, self.watcher.snapshot.epoch, recv_ns)
+        result = Result.for_error(err, self.cfg.line, self.card.model_id, wire_epoch(self.watcher.snapshot), recv_ns)
         self.publisher.submit(Outgoing(result))
 
     def _dropped(self, job: Job) -> None:
@@ -269,7 +277,7 @@ class Worker:
             lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
             result = self._result(job, s.verdict, s.reason, score=s.score, threshold=self.engine.threshold,
                                   product=s.product, route_similarity=s.route_similarity, latency_ms=lat)
-            result = dataclasses.replace(result, bank_epoch=snapshot.epoch)
+            result = dataclasses.replace(result, bank_epoch=wire_epoch(snapshot))
             self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done))
             self.processed += 1
 
@@ -325,6 +333,9 @@ class Worker:
         self.store.close()
         if self.health is not None:
             self.health.stop()
+        from .security import stop_authenticators
+
+        stop_authenticators(self.context)  # a running ZAP handler would keep term() waiting forever
         self.context.term()
         counts = self.publisher.counts
         self.log.info("worker_stopped", received=self.ingest.received, published=self.publisher.published,

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from .record import BankError, BankMeta, check_name
 
@@ -79,14 +79,10 @@ class BankStore(Protocol):
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with any password (``user:pw@`` or ``?password=``) replaced by ``***``."""
+    from ..config import mask_url_secrets
+
+    return mask_url_secrets(url)
 
 
 def open_store(
