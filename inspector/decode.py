@@ -192,6 +192,15 @@ def _to_rgb(image: Image.Image, header: FrameHeader | None) -> np.ndarray:
     return rgb
 
 
+def pillow_to_rgb(image: Image.Image) -> np.ndarray:
+    """Any opened Pillow image -> ``(H, W, 3)`` uint8 RGB, converted as frames are (16-bit scaled).
+
+    Raises:
+        DecodeError: the pixels cannot be decoded.
+    """
+    return _to_rgb(image, None)
+
+
 def _wide_to_u8(gray: np.ndarray) -> np.ndarray:
     """Scale 16-bit grayscale ``[0, 65535]`` to ``[0, 255]`` with rounding (65535 -> 255)."""
     wide = np.clip(gray, 0, U16_MAX).astype(np.uint32)  # (H, W); 32-bit int modes clipped to 16 bits

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..decode import decode_image, pillow_to_rgb, resize_square
 from ..model import InspectionModel
-from ..model.bank import build_bank, greedy_k_center, prototype_of
+from ..model.bank import ProductBank, build_bank, greedy_k_center, prototype_of
+from ..wire import FrameHeader
 from .record import BankError, BankMeta, check_name, content_digest
-from ..model.bank import ProductBank
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 EXTRACT_BATCH = 8  # images per backbone pass while registering: bounds memory on a small PC
@@ -69,19 +70,12 @@ def to_model_input(data: bytes, size: int) -> np.ndarray:
     registered from files and the same images streamed by a camera give the same pixels; other
     formats (BMP, TIFF) are converted by Pillow the same way.
     """
-    from ..decode import decode_image, resize_square
-    from ..wire import FrameHeader
-
     encoding = "png" if data.startswith(PNG_MAGIC) else "jpeg" if data.startswith(JPEG_MAGIC) else None
     if encoding is not None:
         header = FrameHeader(frame_id="shot", camera="bank", ts_ns=0, encoding=encoding)
         return resize_square(decode_image(header, data), size)
     with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(arr * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8))
-        return resize_square(np.asarray(img.convert("RGB"), dtype=np.uint8), size)
+        return resize_square(pillow_to_rgb(img), size)
 
 
 def read_shots(paths: Sequence[str | Path], size: int) -> list[ShotImage]:
