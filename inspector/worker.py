@@ -19,7 +19,6 @@ frame, publishes its result and exits 0; a second one exits at once with status 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -33,7 +32,7 @@ import torch
 import zmq
 
 from .artifact import load_artifact
-from .banks import BankSnapshot, BankWatcher, build_snapshot, open_store
+from .banks import BankSnapshot, BankWatcher, RedisStore, build_snapshot, open_store
 from .banks.record import BankMeta
 from .batcher import FrameQueue, Job
 from .config import WorkerConfig, redacted
@@ -154,7 +153,7 @@ class Worker:
 
     def _stream(self) -> StreamWriter | None:
         b = self.cfg.banks
-        if not b.store.startswith(("redis://", "rediss://", "unix://")):
+        if not isinstance(self.store, RedisStore):
             self.log.info("results_stream_disabled", reason="bank store is not Redis")
             return None
         p = self.cfg.publish
@@ -168,11 +167,13 @@ class Worker:
                 "time_ns": time.time_ns()}
 
     # -- results ---------------------------------------------------------------------------
-    def _result(self, job: Job, verdict: str, reason: str | None, **fields: Any) -> Result:
+    def _result(self, job: Job, verdict: str, reason: str | None, snapshot: BankSnapshot | None = None,
+                **fields: Any) -> Result:
+        """A job's result; ``snapshot`` is the bank the frame was scored against (default: the current)."""
         h = job.header
+        epoch = wire_epoch(snapshot if snapshot is not None else self.watcher.snapshot)
         return Result(frame_id=h.frame_id, camera=h.camera, line=self.cfg.line, verdict=verdict, reason=reason,
-                      model=self.card.model_id, bank_epoch=wire_epoch(self.watcher.snapshot), ts_ns=h.ts_ns,
-                      done_ns=time.time_ns(), **fields)
+                      model=self.card.model_id, bank_epoch=epoch, ts_ns=h.ts_ns, done_ns=time.time_ns(), **fields)
 
     def _reject(self, err: WireError, recv_ns: int) -> None:
         result = Result.for_error(err, self.cfg.line, self.card.model_id, wire_epoch(self.watcher.snapshot), recv_ns)
@@ -275,9 +276,8 @@ class Worker:
         self.metrics.observe_batch(len(live))
         for (job, _, _), s in zip(live, scored):
             lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
-            result = self._result(job, s.verdict, s.reason, score=s.score, threshold=self.engine.threshold,
+            result = self._result(job, s.verdict, s.reason, snapshot, score=s.score, threshold=self.engine.threshold,
                                   product=s.product, route_similarity=s.route_similarity, latency_ms=lat)
-            result = dataclasses.replace(result, bank_epoch=wire_epoch(snapshot))
             self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done))
             self.processed += 1
 
