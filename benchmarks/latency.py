@@ -87,11 +87,14 @@ def prepare(workdir: Path, artifact: str | None, device: str) -> tuple[Path, Pat
     return Path(artifact), workdir / "banks", frames
 
 
-def engine_throughput(artifact: Path, banks: Path, batch: int, device: str, repeats: int) -> dict:
+def engine_throughput(artifact: Path, store_url: str, line: str, batch: int, device: str, repeats: int) -> dict:
+    """The engine's own throughput at ``batch`` on the line's registered banks (median of repeats)."""
     model, card = load_artifact(artifact)
     engine = Engine(model, card, EngineSettings(device=device))
-    w = BankWatcher(open_store(f"file://{banks}"), "1", card.signature, model.channels)
+    store = open_store(store_url)
+    w = BankWatcher(store, line, card.signature, model.channels)
     w.refresh()
+    store.close()
     x = np.random.default_rng(0).integers(0, 255, (batch, model.input_size, model.input_size, 3), dtype=np.uint8)
     engine.infer(x, [None] * batch, w.snapshot)  # warm-up
     times = []
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="latency-"))
     artifact, banks, frames = prepare(work, args.artifact, args.device)
-    engine = engine_throughput(artifact, banks, args.max_batch, args.device, args.repeats)
+    engine = engine_throughput(artifact, f"file://{banks}", "1", args.max_batch, args.device, args.repeats)
     print(f"[latency] engine: batch {args.max_batch} in {engine['batch_seconds_median']}s -> {engine['fps']} fps",
           file=sys.stderr)
     ingest, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"

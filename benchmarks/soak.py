@@ -54,12 +54,12 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import machine  # noqa: E402
+from latency import engine_throughput, free_port  # noqa: E402
 
 from inspector.artifact import load_artifact, save_artifact  # noqa: E402
-from inspector.banks import BankWatcher, encode_bank, open_store  # noqa: E402
+from inspector.banks import encode_bank, open_store  # noqa: E402
 from inspector.banks.register import read_shots, register_product  # noqa: E402
 from inspector.camera import CameraConfig, FrameSource, publish_frames  # noqa: E402
-from inspector.engine import Engine, EngineSettings  # noqa: E402
 from inspector.model import InspectionModel, ModelConfig, load_backbone_weights  # noqa: E402
 from inspector.reconcile import read_result_records, read_result_stream, read_sent, reconcile, stream_key  # noqa: E402
 from inspector.wire import Result  # noqa: E402
@@ -94,12 +94,6 @@ PERCENTILES = (50, 99)
 WARMUP_MAX_S = 300.0
 WARMUP_SHARE = 3  # a short run leaves out its first third
 OPERATOR_POLL_S = 1.0  # the operator thread re-checks its schedule and the end of the run this often
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def head_commit() -> str:
@@ -172,25 +166,6 @@ def prepare(work: Path, size: int, redis_url: str) -> tuple[Path, Path]:
         store.put(LINE, encode_bank(reg.bank, reg.meta), reg.meta)
     store.close()
     return work / "model", data
-
-
-def engine_fps(artifact: Path, redis_url: str, batch: int, device: str) -> dict:
-    """The engine's own throughput at ``batch`` on the registered banks (median of repeats)."""
-    model, card = load_artifact(artifact)
-    engine = Engine(model, card, EngineSettings(device=device))
-    store = open_store(redis_url)
-    watcher = BankWatcher(store, LINE, card.signature, model.channels)
-    watcher.refresh()
-    x = np.random.default_rng(0).integers(0, 255, (batch, model.input_size, model.input_size, 3), dtype=np.uint8)
-    engine.infer(x, [None] * batch, watcher.snapshot)  # warm-up
-    times = []
-    for _ in range(ENGINE_REPEATS):
-        t0 = time.perf_counter()
-        engine.infer(x, [None] * batch, watcher.snapshot)
-        times.append(time.perf_counter() - t0)
-    store.close()
-    seconds = statistics.median(times)
-    return {"batch": batch, "batch_seconds_median": round(seconds, 4), "fps": round(batch / seconds, 3)}
 
 
 def start_worker(args, artifact: Path, redis_url: str, ingest: str, publish: str, http_port: int,
@@ -387,7 +362,7 @@ def run(args) -> dict:
     proc = None
     try:
         artifact, data = prepare(work, args.size, redis.url)
-        engine = engine_fps(artifact, redis.url, args.max_batch, args.device)
+        engine = engine_throughput(artifact, redis.url, LINE, args.max_batch, args.device, ENGINE_REPEATS)
         rate = args.load * engine["fps"]
         print(f"[soak] engine {engine['fps']} fps at batch {args.max_batch}; sending {rate:.2f} fps for "
               f"{args.minutes} min", file=sys.stderr)
