@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,16 @@ def test_resume_reproduces_an_uninterrupted_fit(synth_root: Path, tmp_path: Path
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_window_residuals_equal_full_map_inference(tiny_model: InspectionModel) -> None:
+def variant(constraintor: str) -> InspectionModel:
+    base = tiny_config()
+    torch.manual_seed(0)
+    return InspectionModel(dataclasses.replace(base, flow=dataclasses.replace(base.flow, constraintor=constraintor)))
+
+
+@pytest.mark.parametrize("constraintor", ["conv", "identity"])
+def test_window_residuals_equal_full_map_inference(constraintor: str) -> None:
     """The constraintor output inside a training window equals the full-map output there."""
+    tiny_model = variant(constraintor).eval()
     feats = torch.randn(5, 64, 16, 16)
     refs = torch.nn.functional.normalize(torch.randn(1, 300, 64), dim=-1)
     res, _ = tiny_model.residual(0, feats[:1], refs)
@@ -93,3 +102,37 @@ def test_level_batch_labels_anomalies(synth_root: Path, tiny_model: InspectionMo
         con, res, pos, labels = level_batch(tiny_model, queries, level)
         assert con.shape == res.shape and len(pos) == len(labels) == con.shape[0]
     assert (labels == 1).any() and (labels == 0).any()
+
+
+def test_source_views_are_changed_copies_of_each_class(synth_root: Path) -> None:
+    model = InspectionModel(tiny_config())
+    plain = prepare_sources(model, synth_root, ("tiles",), cap=12, holdout_fraction=0.25,
+                            anomalies_per_image=1, real_anomalies=True, seed=0)
+    viewed = prepare_sources(model, synth_root, ("tiles",), cap=12, holdout_fraction=0.25,
+                             anomalies_per_image=1, real_anomalies=True, seed=0, views=("rot90", "invert", "zoom"))
+    assert [m.name for m in viewed] == ["tiles", "tiles~rot90", "tiles~invert", "tiles~zoom"]
+    base, rot, inv, zoom = viewed
+    # same draws: the plain class is unchanged by asking for views
+    torch.testing.assert_close(base.fit[2], plain[0].fit[2], atol=0, rtol=0)
+    # masks follow the geometry, and appearance-only views keep them
+    assert torch.equal(rot.masks, torch.rot90(base.masks, 1, dims=(1, 2)))
+    assert torch.equal(inv.masks, base.masks)
+    side = base.masks.shape[1]
+    centre = base.masks[:, side // 4 : side // 4 + side // 2, side // 4 : side // 4 + side // 2]
+    assert torch.equal(zoom.masks, centre.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    assert torch.equal(rot.source, base.source)
+    # the features are of other-looking images
+    assert not torch.allclose(inv.fit[0].float(), base.fit[0].float(), atol=0.1)
+
+
+def test_conv_constraintor_fit_moves_every_flow_level_and_the_constraintors(synth_root: Path, tmp_path: Path) -> None:
+    model = variant("conv")
+    before = [[p.detach().clone() for p in m.parameters()] for m in (*model.flows, *model.constraintors)]
+    fit_flows(model, material(model, synth_root), FitConfig(steps=3, batch=4, window=32), tmp_path, progress=False)
+    for i, module in enumerate((*model.flows, *model.constraintors)):
+        changed = [not torch.equal(a, b) for a, b in zip(before[i], module.parameters())]
+        assert sum(changed) >= len(changed) // 2, f"module {i}: only {sum(changed)}/{len(changed)} tensors changed"
+
+
+def test_identity_constraintor_has_nothing_to_train() -> None:
+    assert not list(variant("identity").constraintors.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import scipy.ndimage
 import torch
 from torch.export import Dim, export
 
-from inspector.model import BankTensors, FlowConfig, InspectionModel, build_bank, stack_banks, verdicts
+from inspector.model import BankTensors, FlowConfig, InspectionModel, ModelConfig, build_bank, stack_banks, verdicts
 from inspector.model.bank import greedy_k_center, nearest_neighbours
 from inspector.model.calibration import GaussianBlur, calibrate, top_fraction_mean
 from inspector.model.flow import build_flow, log_likelihood, positional_encoding
@@ -190,3 +191,63 @@ def test_torch_export_dynamic_batch(tiny_model: InspectionModel) -> None:
         for w, g in zip(want, got):
             # the exported graph runs the same kernels in the same order on CPU
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def identity_model(position: bool = True, constraintor: str = "identity") -> InspectionModel:
+    base = tiny_config()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(base, flow=dataclasses.replace(base.flow, constraintor=constraintor, position=position))
+    return InspectionModel(cfg).eval()
+
+
+def test_identity_constraintor_starts_at_the_nearest_neighbour_distance() -> None:
+    """Untrained, the identity-constraintor model scores each level exactly as ``1 - cos``."""
+    model = identity_model()
+    feats, bank = make_banks(model)
+    with torch.no_grad():
+        for level, f in enumerate(feats):
+            res, sim = model.residual(level, f[:3], bank.features[level][:1].float().expand(3, -1, -1))
+            anomaly = -model.level_logp(level, res)
+            const = 0.5 * math.log(2 * math.pi)
+            # the flow starts as a permutation (zero-initialised subnets): only float32 rounding
+            half_sq = 0.5 * res.pow(2).sum(1, keepdim=True)
+            torch.testing.assert_close(anomaly, half_sq + const, atol=1e-5, rtol=0)
+            # |q - m|^2 = 2 (1 - cos) for unit vectors; fp16 bank storage leaves |m|^2 within ~1e-3 of 1
+            torch.testing.assert_close(anomaly, 1.0 - sim + const, atol=2e-3, rtol=0)
+
+
+def test_flow_config_rejects_an_unknown_constraintor() -> None:
+    with pytest.raises(ValueError, match="constraintor must be one of"):
+        FlowConfig(constraintor="mlp")
+
+
+def test_card_without_the_newer_flow_fields_loads_as_the_model_it_was_fitted_as() -> None:
+    data = ModelConfig().to_dict()
+    del data["flow"]["constraintor"], data["flow"]["position"]
+    flow = ModelConfig.from_dict(data).flow
+    # such cards predate the identity constraintor: they were all fitted with the conv one
+    assert (flow.constraintor, flow.position) == ("conv", True)
+    assert ModelConfig.from_dict(ModelConfig().to_dict()).flow.constraintor == FlowConfig().constraintor
+
+
+def test_position_off_conditions_every_position_alike() -> None:
+    model = identity_model(position=False)
+    assert all(not getattr(model, f"pos{l}").any() for l in range(len(model.channels)))
+    assert getattr(identity_model(position=True), "pos0").any()
+
+
+@pytest.mark.parametrize(("constraintor", "position"), [("conv", True), ("identity", False)])
+def test_torch_export_other_flow_variants(constraintor: str, position: bool) -> None:
+    """The default (identity, with position) is exported above; the other variants export too."""
+    model = identity_model(position, constraintor)
+    _, bank = make_banks(model)
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    hint = torch.full((3,), -1)
+    batch = Dim("batch", min=1, max=64)
+    shapes = ({0: batch}, BankTensors(tuple(None for _ in bank.features), None, None), {0: batch})
+    program = export(model, (images, bank, hint), dynamic_shapes=shapes)
+    imgs = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        want, got = model(imgs, bank, torch.full((5,), -1)), program.module()(imgs, bank, torch.full((5,), -1))
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)  # same CPU kernels, same order

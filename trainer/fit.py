@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -208,6 +208,9 @@ def level_losses(
         out["push_pull"] = out["push_pull"] + F.relu(lp_a - (b_n - cfg.boundary_margin)).mean()
         out["shell"] = out["shell"] + F.relu(outer - norms[anomalous]).pow(2).mean() / radius**2
         out["invariance"] = (constrained[anomalous] - residual[anomalous]).pow(2).sum(1).mean()
+    if model.cfg.flow.constraintor != "conv":
+        # the identity constraintor has no parameters: its shell and invariance terms are constants
+        out["shell"], out["invariance"] = zero, zero
     out["loss"] = out["nll"] + out["push_pull"] + out["shell"] + cfg.invariance_weight * out["invariance"]
     return out
 
@@ -232,6 +235,8 @@ def match_constraintor_scale(model: InspectionModel, radii: Sequence[float]) -> 
     in residual units. Scaling the batch-norm weight to ``r * sqrt(2 / C)`` puts both on one
     scale from the first step instead of spending the early steps shrinking the output.
     """
+    if model.cfg.flow.constraintor != "conv":
+        return  # the identity constraintor has no scale to match
     for level, radius in enumerate(radii):
         norm = model.constraintors[level][1]
         norm.weight.fill_(radius * math.sqrt(2.0 / model.channels[level]))
@@ -258,8 +263,12 @@ def fit_flows(
     workdir: str | Path,
     resume: bool = True,
     progress: bool = True,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> dict[str, object]:
     """Train constraintors and flows; checkpoints and a JSON-lines log go to ``workdir``.
+
+    ``on_checkpoint(step)``, if given, is called after every checkpoint with the model in eval
+    mode (it is put back in train mode afterwards); benchmarks use it to follow a fit.
 
     Returns:
         Summary: steps, seconds, shell radii and the last logged losses.
@@ -299,6 +308,10 @@ def fit_flows(
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             meta = {"step": step + 1, "radii": radii, "seconds": elapsed + time.perf_counter() - t0, "config": asdict(cfg)}
             save_checkpoint(workdir / "stage1", model, optimizer, rng, meta)
+            if on_checkpoint is not None:
+                model.eval()
+                on_checkpoint(step + 1)
+                model.train()
     model.eval()
     return {"steps": cfg.steps, "seconds": elapsed + time.perf_counter() - t0, "radii": radii, "last": last}
 

@@ -13,6 +13,7 @@ from typing import Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CALIBRATION_MODES = ("cada", "bank", "none")
+CONSTRAINTORS = ("conv", "identity")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,15 @@ class FlowConfig:
     pos_dims: int = 128
     hidden_ratio: float = 1.0  # subnet hidden width as a multiple of its input width
     clamp: float = 1.9
+    # What the flow reads: "conv" is ResAD's constraintor (conv3x3 + BN + ReLU) on the residual;
+    # "identity" is the residual itself, scaled by sqrt(C) so that an untrained flow scores each
+    # level as the nearest-neighbour distance 1 - cos (see InspectionModel.level_logp).
+    constraintor: str = "identity"
+    position: bool = True  # condition the flow on the 2-D position code (else on zeros)
+
+    def __post_init__(self) -> None:
+        if self.constraintor not in CONSTRAINTORS:
+            raise ValueError(f"constraintor must be one of {CONSTRAINTORS}, got {self.constraintor!r}")
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``.
+
+        Cards written before ``flow.constraintor`` existed were all fitted with the conv
+        constraintor, so a card without the field reads as ``"conv"``, not as today's default.
+        """
+        flow = data.get("flow")
+        if isinstance(flow, dict) and "constraintor" not in flow:
+            data = {**data, "flow": {**flow, "constraintor": "conv"}}
         return _build(cls, data)
 
 

@@ -7,6 +7,7 @@ served; the trainer calls the stage methods for what its losses need.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -77,6 +78,27 @@ class Constraintor(nn.Sequential):
         )
 
 
+class ResidualScale(nn.Module):
+    """The identity constraintor: the residual times ``sqrt(C)``.
+
+    Residuals of unit vectors satisfy ``|r|^2 = 2 (1 - cos)``, so at the flow's identity start
+    ``-log p`` per dimension is ``(1 - cos) + const`` at every level: the untrained model scores
+    exactly as the nearest-neighbour baseline, and fitting learns a correction to it.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(math.sqrt(channels)), persistent=False)
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual * self.scale
+
+
+def build_constraintor(kind: str, channels: int) -> nn.Module:
+    """The constraintor of a level for ``FlowConfig.constraintor``."""
+    return Constraintor(channels) if kind == "conv" else ResidualScale(channels)
+
+
 class InspectionModel(nn.Module):
     """ResAD residual flow with CADA calibration.
 
@@ -104,8 +126,10 @@ class InspectionModel(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.backbone.std).view(1, 3, 1, 1), persistent=False)
         for level, (h, w) in enumerate(self.grids):
             pos = positional_encoding(h, w, cfg.flow.pos_dims)
+            if not cfg.flow.position:
+                pos = torch.zeros_like(pos)  # same graph and shapes, no position information
             self.register_buffer(f"pos{level}", pos, persistent=False)
-        self.constraintors = nn.ModuleList(Constraintor(c) for c in self.channels)
+        self.constraintors = nn.ModuleList(build_constraintor(cfg.flow.constraintor, c) for c in self.channels)
         self.flows = nn.ModuleList(build_flow(c, cfg.flow, subnet_constructor) for c in self.channels)
         self.blur = GaussianBlur(cfg.score.blur_sigma)
         self.cada = CadaHead(self.channels[-1], cfg.cada)
