@@ -69,6 +69,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, help="reference shots per product")
     p.add_argument("--coreset", type=int, help="cap on bank vectors per level")
     p.add_argument("--calibration", choices=("cada", "bank", "none"), help="shipped calibration mode")
+    p.add_argument("--constraintor", choices=("conv", "identity"),
+                   help="what the flow reads: the conv constraintor's output or the scaled residual itself")
+    p.add_argument("--no-position", action="store_true", help="do not condition the flows on position")
+    p.add_argument("--source-views", default=None,
+                   help="appearance changes added as extra source classes, e.g. rot90,invert,zoom ('' for none)")
     p.add_argument("--target-frr", type=float, help="false-reject rate the threshold is set at")
     p.add_argument("--cada-epochs", type=int, help="CADA head epochs")
     p.add_argument("--synthetic-sources", default="",
@@ -121,6 +126,9 @@ def model_config_from(args: argparse.Namespace):
         cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, **bank))
     if args.calibration:
         cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, calibration=args.calibration))
+    flow = {k: v for k, v in (("constraintor", args.constraintor), ("position", False if args.no_position else None)) if v is not None}
+    if flow:
+        cfg = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, **flow))
     return cfg
 
 
@@ -128,7 +136,7 @@ def train_config_from(args: argparse.Namespace, weights: str | None):
     """The training configuration with the flags that were given applied."""
     from trainer.calibrate import CalibrationConfig
     from trainer.fit import FitConfig
-    from trainer.train import TrainConfig, parse_classes
+    from trainer.train import TrainConfig, parse_classes, parse_views
 
     fit = FitConfig(seed=args.seed)
     fit = dataclasses.replace(fit, **{k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v})
@@ -141,6 +149,8 @@ def train_config_from(args: argparse.Namespace, weights: str | None):
     extra["real_anomalies"] = not args.no_real_anomalies
     if args.synthetic_sources:
         extra["synthetic_sources"] = parse_classes(args.synthetic_sources)
+    if args.source_views is not None:
+        extra["source_views"] = parse_views(args.source_views)
     return TrainConfig(
         data=args.data, classes=parse_classes(args.classes), weights=weights,
         seed=args.seed, fit=fit, calibration=cal, **extra,

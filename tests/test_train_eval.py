@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inspector.artifact import read_card
+from inspector.artifact import load_artifact, read_card
 from inspector.cli import main
 from trainer.synthetic import generate_dataset
 
@@ -81,3 +81,23 @@ def test_generated_products_can_be_added_as_sources(tmp_path: Path) -> None:
     assert card.training["source_classes"] == ["tiles", "dots"]
     assert card.training["counts"]["dots"]["fit"] > 0
     assert card.training["config"]["synthetic_sources"] == ["dots"]
+
+
+def test_identity_constraintor_and_source_views_from_the_cli(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", classes=("tiles",), n_train=8, n_test_good=2,
+                            n_test_defect=2, size=64, seed=0)
+    assert main(["train", "--data", str(data), "--classes", "tiles", "--out", str(tmp_path / "model"),
+                 "--random-backbone", "--input-size", "64", "--steps", "2", "--batch", "2",
+                 "--images-per-class", "8", "--cada-epochs", "1", "--constraintor", "identity",
+                 "--no-position", "--source-views", "rot90,zoom", "--quiet"]) == 0
+    card = read_card(tmp_path / "model")
+    assert card.training["source_classes"] == ["tiles", "tiles~rot90", "tiles~zoom"]
+    assert card.config["flow"]["constraintor"] == "identity" and card.config["flow"]["position"] is False
+    model, _ = load_artifact(tmp_path / "model")
+    assert model.cfg.flow.constraintor == "identity" and not model.pos0.any()
+
+
+def test_unknown_source_view_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--data", str(tmp_path), "--classes", "a", "--out", str(tmp_path / "m"),
+                 "--random-backbone", "--source-views", "rot90,mirror"])
+    assert code == 2 and "mirror" in capsys.readouterr().err

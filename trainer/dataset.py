@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -75,19 +75,45 @@ def synthesize(images: np.ndarray, rng: np.random.Generator, per_image: int) -> 
     return np.stack(out_images), np.stack(out_masks), np.asarray(sources)
 
 
-def prepare_class(
-    model: InspectionModel,
-    root: str | Path,
-    name: str,
-    cap: int,
-    holdout_fraction: float,
-    anomalies_per_image: int,
-    real_anomalies: bool,
-    rng: np.random.Generator,
-    progress: bool = True,
-) -> ClassMaterial:
-    """Load, split, synthesise anomalies and extract features for one source class."""
-    size = model.input_size
+def _rot90(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2)))
+
+
+def _invert(images: np.ndarray) -> np.ndarray:
+    return 255 - images if images.ndim == 4 else images  # masks (3-D) are unchanged
+
+
+def _zoom(images: np.ndarray) -> np.ndarray:
+    """The central half of every image (or mask), scaled back up 2x by pixel repetition."""
+    side = images.shape[1]
+    lo = side // 4
+    centre = images[:, lo : lo + side // 2, lo : lo + side // 2]
+    return np.ascontiguousarray(centre.repeat(2, axis=1).repeat(2, axis=2))
+
+
+# Appearance changes that turn one source class into another-looking product with the same
+# kind of normal variation and defects: more, and more varied, classes for the class-agnostic
+# stages to learn from. Each applies to uint8 images (N, S, S, 3) and bool masks (N, S, S).
+VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "rot90": _rot90,
+    "invert": _invert,
+    "zoom": _zoom,
+}
+
+
+@dataclass
+class _Loaded:
+    fit: np.ndarray
+    holdout: np.ndarray
+    anomalous: np.ndarray
+    masks: np.ndarray
+    source: np.ndarray
+
+
+def _load_class(
+    root: str | Path, name: str, size: int, cap: int, holdout_fraction: float,
+    anomalies_per_image: int, real_anomalies: bool, rng: np.random.Generator,
+) -> _Loaded:
     train = list_samples(root, name, "train")
     fit_idx, hold_idx = split_normals(len(train), cap, holdout_fraction, rng)
     fit_cache = ImageCache.load([train[i] for i in fit_idx], size)
@@ -102,14 +128,47 @@ def prepare_class(
             anomalous.append(cache.images[keep])
             masks.append(cache.masks[keep])
             sources = np.concatenate([sources, np.full(int(keep.sum()), -1)])
+    return _Loaded(fit_cache.images, hold_cache.images, np.concatenate(anomalous), np.concatenate(masks), sources)
+
+
+def _material(model: InspectionModel, name: str, data: _Loaded, progress: bool) -> ClassMaterial:
     return ClassMaterial(
         name=name,
-        fit=extract_features(model, fit_cache.images, desc=f"{name} normal", progress=progress),
-        holdout=extract_features(model, hold_cache.images, desc=f"{name} held-out", progress=progress),
-        anomalous=extract_features(model, np.concatenate(anomalous), desc=f"{name} anomalous", progress=progress),
-        masks=torch.from_numpy(np.concatenate(masks)),
-        source=torch.from_numpy(sources).long(),
+        fit=extract_features(model, data.fit, desc=f"{name} normal", progress=progress),
+        holdout=extract_features(model, data.holdout, desc=f"{name} held-out", progress=progress),
+        anomalous=extract_features(model, data.anomalous, desc=f"{name} anomalous", progress=progress),
+        masks=torch.from_numpy(data.masks),
+        source=torch.from_numpy(data.source).long(),
     )
+
+
+def prepare_class(
+    model: InspectionModel,
+    root: str | Path,
+    name: str,
+    cap: int,
+    holdout_fraction: float,
+    anomalies_per_image: int,
+    real_anomalies: bool,
+    rng: np.random.Generator,
+    progress: bool = True,
+    views: Sequence[str] = (),
+) -> list[ClassMaterial]:
+    """Load, split, synthesise anomalies and extract features for one source class.
+
+    Returns the class itself, then one class per name in ``views`` (see :data:`VIEWS`), named
+    ``<class>~<view>``: the same images, anomalies and masks with that appearance change.
+    """
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown source views {unknown}; known: {sorted(VIEWS)}")
+    data = _load_class(root, name, model.input_size, cap, holdout_fraction, anomalies_per_image, real_anomalies, rng)
+    out = [_material(model, name, data, progress)]
+    for view in views:
+        f = VIEWS[view]
+        changed = _Loaded(f(data.fit), f(data.holdout), f(data.anomalous), f(data.masks), data.source)
+        out.append(_material(model, f"{name}~{view}", changed, progress))
+    return out
 
 
 def prepare_sources(
@@ -122,13 +181,14 @@ def prepare_sources(
     real_anomalies: bool,
     seed: int,
     progress: bool = True,
+    views: Sequence[str] = (),
 ) -> list[ClassMaterial]:
     """:func:`prepare_class` for every source class, with a progress bar over classes."""
     rng = np.random.default_rng(seed)
     out = []
     for name in tqdm(classes, desc="preparing source classes", unit="class", disable=not progress):
-        out.append(
-            prepare_class(model, root, name, cap, holdout_fraction, anomalies_per_image, real_anomalies, rng, progress)
+        out += prepare_class(
+            model, root, name, cap, holdout_fraction, anomalies_per_image, real_anomalies, rng, progress, views
         )
     return out
 

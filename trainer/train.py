@@ -16,7 +16,7 @@ from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
 
 from . import calibrate
 from .calibrate import CalibrationConfig
-from .dataset import data_digest, prepare_sources
+from .dataset import VIEWS, data_digest, prepare_sources
 from .fit import FitConfig, fit_flows
 from .synthetic import generate_dataset
 
@@ -33,6 +33,7 @@ class TrainConfig:
     anomalies_per_image: int = 1
     real_anomalies: bool = True  # also use the source classes' labelled anomalies (with masks)
     synthetic_sources: tuple[str, ...] = ()  # generated products added as extra source classes
+    source_views: tuple[str, ...] = ()  # appearance changes of each source class added as classes (VIEWS)
     seed: int = 0
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -54,7 +55,7 @@ def train(
     weights_sha = load_backbone_weights(model.backbone, cfg.weights) if cfg.weights else None
     classes = prepare_sources(
         model, cfg.data, cfg.classes, cfg.images_per_class, cfg.holdout_fraction,
-        cfg.anomalies_per_image, cfg.real_anomalies, cfg.seed, progress,
+        cfg.anomalies_per_image, cfg.real_anomalies, cfg.seed, progress, views=cfg.source_views,
     )
     if cfg.synthetic_sources:
         root = generate_dataset(
@@ -106,6 +107,15 @@ def train(
     )
     (workdir / "training_summary.json").write_text(json.dumps(training, indent=2))
     return card
+
+
+def parse_views(text: str) -> tuple[str, ...]:
+    """``"rot90,zoom"`` -> ``("rot90", "zoom")``; ``""`` -> ``()``; unknown names are an error."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown source views {unknown}; known: {', '.join(VIEWS)}")
+    return names
 
 
 def parse_classes(text: str | Sequence[str]) -> tuple[str, ...]:
