@@ -27,7 +27,7 @@ from inspector.model import ModelConfig
 from trainer.calibrate import CalibrationConfig
 from trainer.evaluate import EvalConfig, evaluate
 from trainer.fit import FitConfig
-from trainer.train import TrainConfig, train
+from trainer.train import TrainConfig, parse_views, train
 
 SPLITS = {
     "A": (("magnetic_tile", "ball_screw", "commutator"), ("pcb", "solar_cell")),
@@ -51,6 +51,23 @@ def machine() -> dict[str, object]:
     }
 
 
+def inputs_present(*paths: str) -> bool:
+    """True when every shared input exists; otherwise say which is missing on stderr."""
+    for path in paths:
+        if not Path(path).exists():
+            print(f"error: {path} not found (this benchmark needs the shared data and weights)", file=sys.stderr)
+            return False
+    return True
+
+
+def parse_checked(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line; exit 2, saying what is missing, when the shared inputs are absent."""
+    args = parser.parse_args()
+    if not inputs_present(args.data, args.weights):
+        raise SystemExit(2)
+    return args
+
+
 def commit() -> str:
     """The repository's HEAD commit, with ``-dirty`` when the tree has changes."""
     try:
@@ -61,16 +78,24 @@ def commit() -> str:
         return "unknown"
 
 
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The default model with the benchmark's flow flags applied."""
+    base = ModelConfig()
+    flow = dataclasses.replace(base.flow, constraintor=args.constraintor, position=not args.no_position)
+    return dataclasses.replace(base, flow=flow)
+
+
 def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
     source, target = SPLITS[name]
     out = Path(args.out) / f"split{name}"
     cfg = TrainConfig(
         data=args.data, classes=source, weights=args.weights, images_per_class=args.images_per_class,
         synthetic_sources=tuple(n for n in args.synthetic_sources.split(",") if n),
+        source_views=parse_views(args.source_views),
         fit=FitConfig(steps=args.steps), calibration=CalibrationConfig(),
     )
     t0 = time.perf_counter()
-    card = train(ModelConfig(), cfg, Path(args.runs) / f"split{name}" / "model", Path(args.runs) / f"split{name}" / "work",
+    card = train(model_config(args), cfg, Path(args.runs) / f"split{name}" / "model", Path(args.runs) / f"split{name}" / "work",
                  resume=not args.no_resume, progress=not args.quiet)
     fit_seconds = time.perf_counter() - t0
     model, card = load_artifact(Path(args.runs) / f"split{name}" / "model")
@@ -94,16 +119,16 @@ def main() -> int:
     p.add_argument("--images-per-class", type=int, default=TrainConfig.images_per_class)
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--synthetic-sources", default="", help="generated products added as source classes")
+    p.add_argument("--source-views", default=",".join(TrainConfig.source_views),
+                   help="appearance changes added as source classes (trainer.dataset.VIEWS)")
+    p.add_argument("--constraintor", default=ModelConfig().flow.constraintor, choices=("conv", "identity"))
+    p.add_argument("--no-position", action="store_true")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args()
-    for path in (args.data, args.weights):
-        if not Path(path).exists():
-            print(f"error: {path} not found (this benchmark needs the shared data and weights)", file=sys.stderr)
-            return 2
+    args = parse_checked(p)
     settings = {"steps": args.steps, "images_per_class": args.images_per_class, "draws": args.draws,
-                "synthetic_sources": args.synthetic_sources,
-                "model": dataclasses.asdict(ModelConfig())}
+                "synthetic_sources": args.synthetic_sources, "source_views": args.source_views,
+                "model": dataclasses.asdict(model_config(args))}
     for s in args.splits.split(","):
         result = run_split(s.strip(), args)
         result.update(machine=machine(), commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"), settings=settings)
@@ -124,9 +149,11 @@ def write_summary(out: Path, result: dict[str, object]) -> None:
         lines += [
             f"## Split {r['split']}: fit on {', '.join(r['source'])}"
             + (f" + generated {r['settings']['synthetic_sources']}" if r["settings"].get("synthetic_sources") else "")
+            + (f" + views {r['settings']['source_views']}" if r["settings"].get("source_views") else "")
             + f"; unseen {', '.join(r['target'])}",
             f"measured {r['date']} on {r['machine']['cpu']} ({r['machine']['threads']} threads), "
             f"torch {r['machine']['torch']}, commit {r['commit']}",
+            f"model flow {json.dumps(r['settings']['model']['flow'])}",
             f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s "
             f"(steps {r['settings']['steps']}, images per class {r['settings']['images_per_class']}, "
             f"draws {r['settings']['draws']})",
