@@ -36,15 +36,15 @@ from accuracy import SPLITS, commit, machine, parse_checked  # noqa: E402
 ALL_VIEWS = ("rot90", "invert", "zoom")
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     # name: (FlowConfig changes, FitConfig changes, source views)
-    "conv": ({}, {}, ()),
+    "conv": ({"constraintor": "conv"}, {}, ()),
     "identity": ({"constraintor": "identity"}, {}, ()),
     "identity-nopos": ({"constraintor": "identity", "position": False}, {}, ()),
     "identity-normal": ({"constraintor": "identity"}, {"anomaly_fraction": 0.0}, ()),
-    "conv-nopos": ({"position": False}, {}, ()),
+    "conv-nopos": ({"constraintor": "conv", "position": False}, {}, ()),
     "identity-views": ({"constraintor": "identity"}, {}, ALL_VIEWS),
     "identity-nopos-views": ({"constraintor": "identity", "position": False}, {}, ALL_VIEWS),
     "identity-small": ({"constraintor": "identity", "blocks": 2, "hidden_ratio": 0.25}, {}, ()),
-    "conv-views": ({}, {}, ALL_VIEWS),
+    "conv-views": ({"constraintor": "conv"}, {}, ALL_VIEWS),
 }
 
 
