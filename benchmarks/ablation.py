@@ -152,23 +152,24 @@ def main() -> int:
         model.eval()
         views = VARIANTS[name][2]
         classes = [m for m in material if "~" not in m.name or m.name.split("~")[1] in views]
-        trace = [{"step": 0, **score(model, test, banks, fraction)}]
-        print(f"{name} step 0: {json.dumps(trace[-1])}", flush=True)
+        trace: list[dict] = []
+        t0 = time.perf_counter()
 
         def follow(step: int) -> None:
+            """Score the model now; the result file is rewritten, so a stopped run keeps its trace."""
             trace.append({"step": step, **score(model, test, banks, fraction)})
             print(f"{name} step {step}: {json.dumps(trace[-1])}", flush=True)
+            results[name] = {
+                "model": dataclasses.asdict(cfg.flow), "views": list(views), "fit": dataclasses.asdict(fit),
+                "trace": trace, "seconds": round(time.perf_counter() - t0, 1),
+                "settings": {k: getattr(args, k) for k in ("images_per_class", "test_per_class", "draws", "coreset")},
+                "source": source, "target": target, "machine": machine(), "commit": commit(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            results_path.write_text(json.dumps(results, indent=2))
 
-        t0 = time.perf_counter()
+        follow(0)
         fit_flows(model, classes, fit, Path(args.runs) / f"split{args.split}" / name, resume=False, on_checkpoint=follow)
-        results[name] = {
-            "model": dataclasses.asdict(cfg.flow), "views": list(views), "fit": dataclasses.asdict(fit), "trace": trace,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "settings": {k: getattr(args, k) for k in ("images_per_class", "test_per_class", "draws", "coreset")},
-            "source": source, "target": target, "machine": machine(), "commit": commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        results_path.write_text(json.dumps(results, indent=2))
     return 0
 
 
