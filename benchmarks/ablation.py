@@ -4,8 +4,8 @@ Fits each variant's constraintors and flows on the split's source classes and fo
 at step 0 and at every checkpoint it scores a fixed sample of the unseen classes' test images
 against fixed banks (the same shots for every variant) and records image AUROC of the raw map
 per class and mixed, next to the training-free nearest-neighbour baseline on the same banks.
-Source material and test features are cached under ``--cache`` (the backbone is frozen), so
-variants after the first start fitting at once.
+Source material, test features and banks are prepared once per run (the backbone is frozen),
+so variants after the first start fitting at once: name them all in one ``--variants``.
 
     python benchmarks/ablation.py --split A --variants conv,identity --steps 600
 """
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights, stack_banks
 from trainer import metrics
@@ -54,16 +53,6 @@ def variant_config(name: str, steps: int, checkpoint_every: int) -> tuple[ModelC
     cfg = dataclasses.replace(base, flow=dataclasses.replace(base.flow, **flow_changes))
     fit = FitConfig(steps=steps, checkpoint_every=checkpoint_every, **fit_changes)
     return cfg, fit
-
-
-def cached(path: Path, build):
-    """``torch.load`` of ``path``, or ``build()`` saved there first."""
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path)
-    return value
 
 
 def sample_test_set(model: InspectionModel, root: str, classes, per_class: int, seed: int) -> TestSet:
@@ -125,7 +114,6 @@ def main() -> int:
     p.add_argument("--test-per-class", type=int, default=150)
     p.add_argument("--draws", type=int, default=2)
     p.add_argument("--coreset", type=int, default=1024, help="bank vectors per level (speed; see banks.md)")
-    p.add_argument("--cache", default="runs/ablation/cache")
     p.add_argument("--runs", default="runs/ablation")
     p.add_argument("--out", default="benchmarks/results/ablation")
     args = parse_checked(p)
@@ -134,18 +122,18 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / f"split{args.split}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    cache = Path(args.cache)
     probe = InspectionModel(ModelConfig())
     load_backbone_weights(probe.backbone, args.weights)
-    tag = f"{args.split}-{args.images_per_class}"
-    material = cached(cache / f"material-{tag}-views.pt", lambda: prepare_sources(
-        probe, args.data, source, args.images_per_class, 0.3, 1, True, 0, views=ALL_VIEWS))
-    test = cached(cache / f"test-{args.split}-{args.test_per_class}.pt",
-                  lambda: sample_test_set(probe, args.data, target, args.test_per_class, 0))
-    banks = cached(cache / f"banks-{args.split}-{args.draws}-{args.coreset}.pt",
-                   lambda: draw_banks(probe, args.data, target, args.draws, args.coreset, 0))
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    views = tuple(v for v in ALL_VIEWS if any(v in VARIANTS[n][2] for n in names))
+    material = prepare_sources(probe, args.data, source, args.images_per_class, 0.3, 1, True, 0, views=views)
+    test = sample_test_set(probe, args.data, target, args.test_per_class, 0)
+    banks = draw_banks(probe, args.data, target, args.draws, args.coreset, 0)
     fraction = probe.cfg.score.top_fraction
-    for name in args.variants.split(","):
+    for name in names:
         cfg, fit = variant_config(name, args.steps, args.checkpoint_every)
         model = InspectionModel(cfg)
         load_backbone_weights(model.backbone, args.weights)
