@@ -48,7 +48,7 @@ from inspector.tail import write_records
 from inspector.wire import FrameHeader, Result, encode_frame
 
 from .conftest import REPO, free_port
-from .test_worker import RESULT_TIMEOUT_S, Line, config, line_setup  # noqa: F401 (fixture)
+from .test_worker import RESULT_TIMEOUT_S, Line, config, line, line_setup  # noqa: F401 (fixtures)
 
 LINE = "7"  # the line of the shared test setup (tests/test_worker.py)
 POLL_S = 0.05  # how often a wait re-checks its condition; only bounds how late a wait notices
@@ -542,19 +542,6 @@ def test_non_finite_maps_still_encode() -> None:
     scale = 64.0
     back = decode_heatmap(encode_heatmap(calibrated, scale), scale)
     assert back.tolist() == [[0.0, 255 / scale], [0.0, 1.0]]
-
-
-@pytest.fixture
-def line(line_setup):
-    lines: list[Line] = []
-
-    def make(**overrides) -> Line:
-        lines.append(Line(config(line_setup, **overrides)))
-        return lines[-1]
-
-    yield make
-    for ln in lines:
-        ln.close()
 
 
 # -- SIGKILL and reconciliation ----------------------------------------------------------------------
