@@ -24,6 +24,7 @@ import torch
 from inspector.artifact import load_artifact
 from inspector.cli import format_summary
 from inspector.model import ModelConfig
+from inspector.model.config import CONSTRAINTORS
 from trainer.calibrate import CalibrationConfig
 from trainer.evaluate import EvalConfig, evaluate
 from trainer.fit import FitConfig
@@ -121,7 +122,7 @@ def main() -> int:
     p.add_argument("--synthetic-sources", default="", help="generated products added as source classes")
     p.add_argument("--source-views", default=",".join(TrainConfig.source_views),
                    help="appearance changes added as source classes (trainer.dataset.VIEWS)")
-    p.add_argument("--constraintor", default=ModelConfig().flow.constraintor, choices=("conv", "identity"))
+    p.add_argument("--constraintor", default=ModelConfig().flow.constraintor, choices=CONSTRAINTORS)
     p.add_argument("--no-position", action="store_true")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")

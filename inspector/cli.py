@@ -69,7 +69,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, help="reference shots per product")
     p.add_argument("--coreset", type=int, help="cap on bank vectors per level")
     p.add_argument("--calibration", choices=("cada", "bank", "none"), help="shipped calibration mode")
-    p.add_argument("--constraintor", choices=("conv", "identity"),
+    p.add_argument("--constraintor", choices=("conv", "identity"),  # model.config.CONSTRAINTORS, without importing torch
                    help="what the flow reads: the conv constraintor's output or the scaled residual itself")
     p.add_argument("--no-position", action="store_true", help="do not condition the flows on position")
     p.add_argument("--source-views", default=None,

@@ -101,3 +101,12 @@ def test_unknown_source_view_is_a_clear_error(tmp_path: Path, capsys: pytest.Cap
     code = main(["train", "--data", str(tmp_path), "--classes", "a", "--out", str(tmp_path / "m"),
                  "--random-backbone", "--source-views", "rot90,mirror"])
     assert code == 2 and "mirror" in capsys.readouterr().err
+
+
+def test_cli_offers_every_constraintor_the_model_knows() -> None:
+    from inspector.cli import build_parser
+    from inspector.model.config import CONSTRAINTORS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    choices = next(a.choices for a in sub.choices["train"]._actions if a.dest == "constraintor")
+    assert tuple(choices) == CONSTRAINTORS  # the CLI lists them without importing torch

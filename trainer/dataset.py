@@ -101,6 +101,14 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def check_views(views: Sequence[str]) -> tuple[str, ...]:
+    """``views`` as a tuple; a name that is not in :data:`VIEWS` is a ``ValueError``."""
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown source views {unknown}; known: {', '.join(VIEWS)}")
+    return tuple(views)
+
+
 @dataclass
 class _Loaded:
     fit: np.ndarray
@@ -159,9 +167,7 @@ def prepare_class(
     Returns the class itself, then one class per name in ``views`` (see :data:`VIEWS`), named
     ``<class>~<view>``: the same images, anomalies and masks with that appearance change.
     """
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown:
-        raise ValueError(f"unknown source views {unknown}; known: {sorted(VIEWS)}")
+    check_views(views)
     data = _load_class(root, name, model.input_size, cap, holdout_fraction, anomalies_per_image, real_anomalies, rng)
     out = [_material(model, name, data, progress)]
     for view in views:

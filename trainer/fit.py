@@ -193,24 +193,25 @@ def level_losses(
     normal, anomalous = labels == 0, labels == 1
     lp_n, lp_a = logp[normal], logp[anomalous]
     b_n = torch.quantile(lp_n.detach(), cfg.boundary_quantile)
-    norms = constrained.norm(dim=1)
     zero = logp.new_zeros(())
     out = {
         "nll": -lp_n.mean(),
         "push_pull": F.relu(b_n - lp_n).mean(),
-        "shell": F.relu(norms[normal] - radius).pow(2).mean() / radius**2,
+        "shell": zero,
         "invariance": zero,
         "logp_normal": lp_n.detach().mean(),
         "logp_anomalous": lp_a.detach().mean() if anomalous.any() else zero,
     }
     if anomalous.any():
-        outer = radius * (1.0 + cfg.shell_margin)
         out["push_pull"] = out["push_pull"] + F.relu(lp_a - (b_n - cfg.boundary_margin)).mean()
-        out["shell"] = out["shell"] + F.relu(outer - norms[anomalous]).pow(2).mean() / radius**2
-        out["invariance"] = (constrained[anomalous] - residual[anomalous]).pow(2).sum(1).mean()
-    if model.cfg.flow.constraintor != "conv":
-        # the identity constraintor has no parameters: its shell and invariance terms are constants
-        out["shell"], out["invariance"] = zero, zero
+    # the identity constraintor has no parameters: shell and invariance terms exist only for conv
+    if model.cfg.flow.constraintor == "conv":
+        norms = constrained.norm(dim=1)
+        out["shell"] = F.relu(norms[normal] - radius).pow(2).mean() / radius**2
+        if anomalous.any():
+            outer = radius * (1.0 + cfg.shell_margin)
+            out["shell"] = out["shell"] + F.relu(outer - norms[anomalous]).pow(2).mean() / radius**2
+            out["invariance"] = (constrained[anomalous] - residual[anomalous]).pow(2).sum(1).mean()
     out["loss"] = out["nll"] + out["push_pull"] + out["shell"] + cfg.invariance_weight * out["invariance"]
     return out
 

@@ -16,7 +16,7 @@ from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
 
 from . import calibrate
 from .calibrate import CalibrationConfig
-from .dataset import VIEWS, data_digest, prepare_sources
+from .dataset import check_views, data_digest, prepare_sources
 from .fit import FitConfig, fit_flows
 from .synthetic import generate_dataset
 
@@ -111,11 +111,7 @@ def train(
 
 def parse_views(text: str) -> tuple[str, ...]:
     """``"rot90,zoom"`` -> ``("rot90", "zoom")``; ``""`` -> ``()``; unknown names are an error."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in VIEWS]
-    if unknown:
-        raise ValueError(f"unknown source views {unknown}; known: {', '.join(VIEWS)}")
-    return names
+    return check_views([n.strip() for n in text.split(",") if n.strip()])
 
 
 def parse_classes(text: str | Sequence[str]) -> tuple[str, ...]:
