@@ -21,18 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights, stack_banks
+from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
 from trainer import metrics
-from trainer.data import ImageCache, list_samples
-from trainer.dataset import prepare_sources
-from trainer.evaluate import image_scores, run_draw, TestSet
-from trainer.features import extract_features
+from trainer.dataset import VIEWS, prepare_sources
+from trainer.evaluate import TestSet, image_scores, load_test_set, register_draw, run_draw
 from trainer.fit import FitConfig, fit_flows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import SPLITS, commit, machine, parse_checked  # noqa: E402
 
-ALL_VIEWS = ("rot90", "invert", "zoom")
+ALL_VIEWS = tuple(VIEWS)
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     # name: (FlowConfig changes, FitConfig changes, source views)
     "conv": ({"constraintor": "conv"}, {}, ()),
@@ -55,38 +53,10 @@ def variant_config(name: str, steps: int, checkpoint_every: int) -> tuple[ModelC
     return cfg, fit
 
 
-def sample_test_set(model: InspectionModel, root: str, classes, per_class: int, seed: int) -> TestSet:
-    """Up to ``per_class`` random test images of each class, features extracted once."""
-    rng = np.random.default_rng(seed)
-    caches = []
-    for c in classes:
-        samples = list_samples(root, c, "test")
-        keep = sorted(rng.choice(len(samples), size=min(per_class, len(samples)), replace=False))
-        caches.append(ImageCache.load([samples[i] for i in keep], model.input_size))
-    images = np.concatenate([c.images for c in caches])
-    return TestSet(
-        classes=list(classes),
-        class_of=np.concatenate([np.full(len(c), i) for i, c in enumerate(caches)]),
-        labels=np.concatenate([c.labels for c in caches]),
-        masks=np.zeros((0,)), has_mask=np.zeros((0,)), images=np.zeros((0,)),
-        features=extract_features(model, images, desc="test features"),
-        names=[str(s.path) for c in caches for s in c.samples],
-    )
-
-
-def draw_banks(model: InspectionModel, root: str, classes, draws: int, coreset: int | None, seed: int):
+def draw_banks(model: InspectionModel, root: str, classes, draws: int, seed: int):
     """Per draw, the stacked banks of every target class from k random train/good images."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(draws):
-        banks = []
-        for c in classes:
-            pool = list_samples(root, c, "train")
-            picked = [pool[i] for i in sorted(rng.choice(len(pool), size=model.cfg.bank.shots, replace=False))]
-            feats = [f.float() for f in extract_features(model, ImageCache.load(picked, model.input_size).images, progress=False)]
-            banks.append(build_bank(feats, coreset).with_stats(0.0, 1.0))
-        out.append(stack_banks(banks))
-    return out
+    return [register_draw(model, root, classes, rng)[0] for _ in range(draws)]
 
 
 def score(model: InspectionModel, test: TestSet, banks, fraction: float) -> dict[str, object]:
@@ -122,7 +92,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / f"split{args.split}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    probe = InspectionModel(ModelConfig())
+    base = ModelConfig()
+    probe = InspectionModel(dataclasses.replace(base, bank=dataclasses.replace(base.bank, coreset=args.coreset)))
     load_backbone_weights(probe.backbone, args.weights)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -130,8 +101,8 @@ def main() -> int:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     views = tuple(v for v in ALL_VIEWS if any(v in VARIANTS[n][2] for n in names))
     material = prepare_sources(probe, args.data, source, args.images_per_class, 0.3, 1, True, 0, views=views)
-    test = sample_test_set(probe, args.data, target, args.test_per_class, 0)
-    banks = draw_banks(probe, args.data, target, args.draws, args.coreset, 0)
+    test = load_test_set(probe, args.data, target, True, per_class=args.test_per_class)
+    banks = draw_banks(probe, args.data, target, args.draws, 0)
     fraction = probe.cfg.score.top_fraction
     for name in names:
         cfg, fit = variant_config(name, args.steps, args.checkpoint_every)

@@ -58,9 +58,22 @@ class TestSet:
     names: list[str]
 
 
-def load_test_set(model: InspectionModel, root: str | Path, classes: Sequence[str], progress: bool) -> TestSet:
-    """Load every target class's test split and extract its backbone features once."""
-    caches = [ImageCache.load(list_samples(root, c, "test"), model.input_size) for c in classes]
+def load_test_set(
+    model: InspectionModel, root: str | Path, classes: Sequence[str], progress: bool,
+    per_class: int | None = None, seed: int = 0,
+) -> TestSet:
+    """Load every target class's test split and extract its backbone features once.
+
+    ``per_class`` keeps at most that many random test images of each class (seeded by ``seed``).
+    """
+    rng = np.random.default_rng(seed)
+    caches = []
+    for c in classes:
+        samples = list_samples(root, c, "test")
+        if per_class is not None:
+            keep = rng.choice(len(samples), size=min(per_class, len(samples)), replace=False)
+            samples = [samples[i] for i in sorted(keep)]
+        caches.append(ImageCache.load(samples, model.input_size))
     images = np.concatenate([c.images for c in caches])
     return TestSet(
         classes=list(classes),
