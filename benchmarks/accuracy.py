@@ -24,7 +24,7 @@ import torch
 from inspector.artifact import load_artifact
 from inspector.cli import format_summary
 from inspector.model import ModelConfig
-from inspector.model.config import CONSTRAINTORS
+from inspector.model.config import CALIBRATION_MODES, CONSTRAINTORS, SCORINGS
 from trainer.calibrate import CalibrationConfig
 from trainer.evaluate import EvalConfig, evaluate
 from trainer.fit import FitConfig
@@ -80,10 +80,12 @@ def commit() -> str:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    """The default model with the benchmark's flow flags applied."""
+    """The default model with the benchmark's flow and scoring flags applied."""
     base = ModelConfig()
     flow = dataclasses.replace(base.flow, constraintor=args.constraintor, position=not args.no_position)
-    return dataclasses.replace(base, flow=flow)
+    scoring = base.score.scoring if args.scoring == "select" else args.scoring
+    score = dataclasses.replace(base.score, scoring=scoring, calibration=args.calibration)
+    return dataclasses.replace(base, flow=flow, score=score)
 
 
 def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -93,7 +95,8 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
         data=args.data, classes=source, weights=args.weights, images_per_class=args.images_per_class,
         synthetic_sources=tuple(n for n in args.synthetic_sources.split(",") if n),
         source_views=parse_views(args.source_views),
-        fit=FitConfig(steps=args.steps), calibration=CalibrationConfig(),
+        select_scoring=args.scoring == "select",
+        fit=FitConfig(steps=args.steps), calibration=CalibrationConfig(registration_images=args.registration_images),
     )
     t0 = time.perf_counter()
     card = train(model_config(args), cfg, Path(args.runs) / f"split{name}" / "model", Path(args.runs) / f"split{name}" / "work",
@@ -101,12 +104,37 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
     fit_seconds = time.perf_counter() - t0
     model, card = load_artifact(Path(args.runs) / f"split{name}" / "model")
     t1 = time.perf_counter()
-    report = evaluate(model, card, args.data, target, EvalConfig(draws=args.draws), out, progress=not args.quiet)
+    eval_cfg = EvalConfig(draws=args.draws, registration_images=args.registration_images,
+                          test_per_class=args.test_per_class or None, stream_frames=args.stream_frames)
+    report = evaluate(model, card, args.data, target, eval_cfg, out, progress=not args.quiet)
     (out / "card.json").write_text(card.to_json())
     summary = {"split": name, "source": source, "target": target, "fit_seconds": round(fit_seconds, 1),
-               "eval_seconds": round(time.perf_counter() - t1, 1), "table": format_summary(report)}
+               "eval_seconds": round(time.perf_counter() - t1, 1), "table": format_summary(report),
+               "bar": bar_keys(report, model.cfg.score.calibration)}
     print(f"== split {name}: fit on {source}, evaluate on {target}\n{summary['table']}", flush=True)
     return summary
+
+
+def bar_keys(report: dict, mode: str) -> dict[str, object]:
+    """The split's numbers under the keys a script checks (issue "per-product calibration")."""
+    s, line = report["summary"], report["line"]
+    classes = report["target_classes"]
+    out: dict[str, object] = {
+        "targets": classes, "registration_images": line["registration_images"], "draws": line["draws"],
+        "shipped_mode": mode, "threshold": line["threshold"],
+        "per_class_auroc": s[mode]["class_separated_mean"]["image_auroc"]["mean"],
+        "mixed_auroc": s[mode]["mixed"]["image_auroc"]["mean"],
+        "distance_per_class_auroc": s["baseline"]["class_separated_mean"]["image_auroc"]["mean"],
+        "distance_mixed_auroc": s["baseline"]["mixed"]["image_auroc"]["mean"],
+        "classes": {c: {"auroc": s[mode]["per_class"][c]["image_auroc"]["mean"],
+                        "distance_auroc": s["baseline"]["per_class"][c]["image_auroc"]["mean"],
+                        **line["classes"][c]} for c in classes},
+    }
+    if "stream" in line:
+        st = line["stream"]
+        out["stream"] = {"start_images": st["start_images"], "frames": st["frames"], "defect_rate": st["defect_rate"],
+                         "classes": st["classes"]}
+    return out
 
 
 def main() -> int:
@@ -124,10 +152,18 @@ def main() -> int:
                    help="appearance changes added as source classes (trainer.dataset.VIEWS)")
     p.add_argument("--constraintor", default=ModelConfig().flow.constraintor, choices=CONSTRAINTORS)
     p.add_argument("--no-position", action="store_true")
+    p.add_argument("--scoring", default=ModelConfig().score.scoring, choices=("select", *SCORINGS),
+                   help="select: leave-one-source-class-out choice, as inspector train does (4 fits per split)")
+    p.add_argument("--calibration", default=ModelConfig().score.calibration, choices=CALIBRATION_MODES)
+    p.add_argument("--registration-images", type=int, default=50, help="good images each class is registered from")
+    p.add_argument("--test-per-class", type=int, default=200, help="random test images per class (0: all)")
+    p.add_argument("--stream-frames", type=int, default=200, help="simulated stream per class (0: none)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = parse_checked(p)
-    settings = {"steps": args.steps, "images_per_class": args.images_per_class, "draws": args.draws,
+    settings = {"steps": args.steps if args.scoring == "flow" else 0, "images_per_class": args.images_per_class,
+                "draws": args.draws, "registration_images": args.registration_images,
+                "test_per_class": args.test_per_class, "stream_frames": args.stream_frames,
                 "synthetic_sources": args.synthetic_sources, "source_views": args.source_views,
                 "model": dataclasses.asdict(model_config(args))}
     for s in args.splits.split(","):
@@ -138,26 +174,32 @@ def main() -> int:
 
 
 def write_summary(out: Path, result: dict[str, object]) -> None:
-    """Merge one split's result into ``summary.json`` (other splits kept) and rewrite ``summary.md``."""
+    """Merge one split's result into ``summary.json`` (other splits kept) and rewrite ``summary.md``.
+
+    ``summary.json`` holds ``commit``, ``machine``, ``frr_target`` and ``splits`` keyed by split
+    name, each with the bar's keys (``bar_keys``) beside the split's settings and printed table.
+    """
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
-    splits = {r["split"]: r for r in json.loads(path.read_text())["splits"]} if path.exists() else {}
-    splits[result["split"]] = result
-    ordered = [splits[k] for k in sorted(splits)]
-    path.write_text(json.dumps({"splits": ordered}, indent=2))
+    old = json.loads(path.read_text()) if path.exists() else {}
+    splits = old.get("splits", {}) if isinstance(old.get("splits"), dict) else {}
+    bar = result.pop("bar")
+    splits[result["split"]] = {**bar, "run": result}
+    ordered = {k: splits[k] for k in sorted(splits)}
+    path.write_text(json.dumps({"commit": result["commit"], "machine": f"{result['machine']['cpu']}, "
+                                f"{result['machine']['threads']} threads, torch {result['machine']['torch']}",
+                                "frr_target": 0.01, "splits": ordered}, indent=2))
     lines = ["# Accuracy on unseen classes", ""]
-    for r in ordered:
+    for name, s in ordered.items():
+        r = s["run"]
         lines += [
-            f"## Split {r['split']}: fit on {', '.join(r['source'])}"
-            + (f" + generated {r['settings']['synthetic_sources']}" if r["settings"].get("synthetic_sources") else "")
-            + (f" + views {r['settings']['source_views']}" if r["settings"].get("source_views") else "")
-            + f"; unseen {', '.join(r['target'])}",
+            f"## Split {name}: fit on {', '.join(r['source'])}; unseen {', '.join(r['target'])}",
             f"measured {r['date']} on {r['machine']['cpu']} ({r['machine']['threads']} threads), "
             f"torch {r['machine']['torch']}, commit {r['commit']}",
-            f"model flow {json.dumps(r['settings']['model']['flow'])}",
-            f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s "
-            f"(steps {r['settings']['steps']}, images per class {r['settings']['images_per_class']}, "
-            f"draws {r['settings']['draws']})",
+            f"model score {json.dumps(r['settings']['model']['score'])}",
+            f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s (steps {r['settings']['steps']}, "
+            f"registration images {r['settings'].get('registration_images')}, test images per class "
+            f"{r['settings'].get('test_per_class') or 'all'}, draws {r['settings']['draws']})",
             "", "```", r["table"], "```", "",
         ]
     (out / "summary.md").write_text("\n".join(lines))

@@ -68,7 +68,15 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, help="model input size S")
     p.add_argument("--shots", type=int, help="reference shots per product")
     p.add_argument("--coreset", type=int, help="cap on bank vectors per level")
-    p.add_argument("--calibration", choices=("cada", "bank", "none"), help="shipped calibration mode")
+    p.add_argument("--calibration", choices=("cada", "bank", "none"),  # model.config.CALIBRATION_MODES
+                   help="shipped calibration mode (default bank: each product's own normal statistics)")
+    p.add_argument("--scoring", choices=("select", "distance", "flow"),  # "select" + model.config.SCORINGS
+                   default="select",
+                   help="raw map: 'select' (default) fits the flows with each source class held out in turn and "
+                        "ships them only if they beat the training-free distance on the held-out classes; "
+                        "'distance' ships the distance without fitting flows; 'flow' fits and ships the flows")
+    p.add_argument("--registration-images", type=int,
+                   help="good images each source class is registered from when the threshold is set (default 50)")
     p.add_argument("--constraintor", choices=("conv", "identity"),  # model.config.CONSTRAINTORS, without importing torch
                    help="what the flow reads: the conv constraintor's output or the scaled residual itself")
     p.add_argument("--no-position", action="store_true", help="do not condition the flows on position")
@@ -92,6 +100,11 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draws", type=int, default=3, help="random draws of shots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pixel-metrics", action="store_true")
+    p.add_argument("--registration-images", type=int, default=50,
+                   help="good train images each target class is registered from (k shots + cross-scored rest)")
+    p.add_argument("--test-per-class", type=int, help="random test images kept per class (default: all)")
+    p.add_argument("--stream-frames", type=int, default=200,
+                   help="simulated stream per class, starting from k shots only (0: no stream)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -108,7 +121,10 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="inspector-demo", help="folder for data, model, banks, heatmaps and summary")
     p.add_argument("--weights", help="backbone safetensors (found automatically if present)")
-    p.add_argument("--steps", type=int, default=150, help="flow training steps")
+    p.add_argument("--steps", type=int, default=150, help="flow training steps (with --select-scoring)")
+    p.add_argument("--select-scoring", action="store_true",
+                   help="fit the flows with each source product held out and ship them only if they beat the "
+                        "distance, as inspector train does (several minutes on 2 cores)")
     p.add_argument("--frames", type=int, default=240, help="frames streamed to the worker")
     p.add_argument("--rate", type=float, default=6.0, help="frames per second sent")
     p.add_argument("--quiet", action="store_true")
@@ -124,8 +140,10 @@ def model_config_from(args: argparse.Namespace):
     bank = {k: v for k, v in (("shots", args.shots), ("coreset", args.coreset)) if v is not None}
     if bank:
         cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, **bank))
-    if args.calibration:
-        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, calibration=args.calibration))
+    scoring = args.scoring if args.scoring != "select" else None
+    score = {k: v for k, v in (("calibration", args.calibration), ("scoring", scoring)) if v}
+    if score:
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, **score))
     flow = {k: v for k, v in (("constraintor", args.constraintor), ("position", False if args.no_position else None)) if v is not None}
     if flow:
         cfg = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, **flow))
@@ -145,8 +163,11 @@ def train_config_from(args: argparse.Namespace, weights: str | None):
         cal = dataclasses.replace(cal, target_false_reject_rate=args.target_frr)
     if args.cada_epochs:
         cal = dataclasses.replace(cal, epochs=args.cada_epochs)
+    if args.registration_images:
+        cal = dataclasses.replace(cal, registration_images=args.registration_images)
     extra = {"images_per_class": args.images_per_class} if args.images_per_class else {}
     extra["real_anomalies"] = not args.no_real_anomalies
+    extra["select_scoring"] = args.scoring == "select"
     if args.synthetic_sources:
         extra["synthetic_sources"] = parse_classes(args.synthetic_sources)
     if args.source_views is not None:
@@ -175,6 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = card.training
     print(f"artifact {args.out} model {card.model_id}")
     print(f"  source classes {', '.join(t['source_classes'])}; backbone weights {card.backbone['weights_sha256'] or 'RANDOM'}")
+    sel = t["scoring"]["selection"]
+    print(f"  scoring: {t['scoring']['shipped']}" + (f" ({sel['reason']})" if isinstance(sel, dict) else " (given)"))
     print(f"  thresholds at FRR {card.false_reject_rate}: " + ", ".join(f"{m} {v:.3f}" for m, v in t["thresholds"].items()))
     print(f"  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t["seconds"].items()))
     return 0
@@ -187,7 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .artifact import load_artifact
 
     model, card = load_artifact(args.artifact)
-    cfg = EvalConfig(draws=args.draws, seed=args.seed, pixel_metrics=not args.no_pixel_metrics)
+    cfg = EvalConfig(draws=args.draws, seed=args.seed, pixel_metrics=not args.no_pixel_metrics,
+                     registration_images=args.registration_images, test_per_class=args.test_per_class,
+                     stream_frames=args.stream_frames)
     report = evaluate(model, card, args.data, parse_classes(args.classes), cfg, args.out, progress=not args.quiet)
     print(format_summary(report))
     print(f"report: {Path(args.out) / 'report.json'}  plots: {Path(args.out) / 'index.html'}")
@@ -210,7 +235,28 @@ def format_summary(report: dict) -> str:
             f"{get(sep, 'pixel_auroc'):>11}{get(sep, 'aupro'):>8}"
             f"{get(mix, 'false_reject_rate'):>7}{get(mix, 'escape_rate'):>8}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + format_line(report.get("line")))
+
+
+def format_line(line: dict | None) -> list[str]:
+    """Per class: rates at the shipped threshold, the oracle, leave-one-class-out, after a stream."""
+    if not line:
+        return []
+    out = ["", f"at the shipped threshold ({line['mode']} {line['threshold']:.3f}, set for FRR {line['frr_target']:.0%}; "
+               f"registered from {line['registration_images']} good images):",
+           f"{'class':<16}{'FRR':>7}{'escape':>8}{'oracle esc':>11}{'LOCO FRR':>10}"
+           + (f"{'stream FRR':>12}{'stream esc':>12}" if "stream" in line else "")]
+    for c, r in line["classes"].items():
+        row = f"{c:<16}{r['frr']:>7.3f}{r['escape']:>8.3f}{r['oracle_escape']:>11.3f}{r.get('loco_frr', float('nan')):>10.3f}"
+        if "stream" in line:
+            st = line["stream"]["classes"][c]
+            row += f"{st['frr']:>12.3f}{st['escape']:>12.3f}"
+        out.append(row)
+    if "stream" in line:
+        st = line["stream"]
+        out.append(f"stream: {st['frames']} frames per class ({st['defect_rate']:.0%} defects) starting from "
+                   f"{st['start_images']} good images; rates on the test set after it")
+    return out
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -229,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.out), find_weights(args.weights), args.steps, progress=not args.quiet,
-                    frames=args.frames, rate=args.rate)
+                    frames=args.frames, rate=args.rate, select=args.select_scoring)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,

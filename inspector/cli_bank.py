@@ -26,9 +26,16 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--store", help="redis://host:port/db, rediss://..., or file:///dir (default: the line's config)")
         p.add_argument("--config", help="line config TOML (default /etc/inspector/line<L>.toml when present)")
 
-    p = cmds.add_parser("add", help="register a product from a few good images")
+    p = cmds.add_parser(
+        "add", help="register a product from its good images (30 or more recommended)",
+        description="Register a product from its good images. The most diverse --shots of them form the "
+                    "reference bank; every other image is scored against that bank to measure the product's "
+                    "normal score statistics, which put it on the line's one threshold scale. Give 30 or more "
+                    "good images: with fewer the statistics are uncertain (with only the shots they come from "
+                    "leave-one-out scores and the product's threshold holds only once the stream or feedback "
+                    "has refined them).")
     common(p)
-    p.add_argument("images", nargs="+", help="image files or folders of good images")
+    p.add_argument("images", nargs="+", help="image files or folders of good images (30 or more recommended)")
     p.add_argument("--shots", type=int, help="images kept in the bank (default: the model's, usually 4)")
     p.add_argument("--coreset", type=int, help="cap on bank vectors per level (greedy k-center)")
     p.add_argument("--artifact", help="model artifact (default: the line config's engine.artifact)")
@@ -42,6 +49,15 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--version", type=int, help="a stored version (default: the active one)")
     p.add_argument("--json", action="store_true")
+
+    p = cmds.add_parser(
+        "feedback", help="confirm good parts: re-measure a product's statistics with them, no restart",
+        description="Score images an operator confirmed good against the product's bank and add them to its "
+                    "normal set; its statistics are measured again and every worker on the line serves them "
+                    "within one bank poll, without retraining or a restart.")
+    common(p)
+    p.add_argument("--good", nargs="+", required=True, help="image files or folders of confirmed-good parts")
+    p.add_argument("--artifact", help="model artifact (default: the line config's engine.artifact)")
 
     p = cmds.add_parser("remove", help="stop inspecting a product on a line")
     common(p)
@@ -119,9 +135,57 @@ def _add(args, cfg, store) -> int:
     if len(images) > len(reg.chosen):
         say(f"picked the {len(reg.chosen)} most diverse of {len(images)} images: {', '.join(reg.chosen)}")
     version, epoch = store.put(args.line, encode_bank(reg.bank, reg.meta), reg.meta)
+    normal = reg.meta.normal
     print(f"registered {args.product} version {version} on line {args.line} (epoch {epoch}) in "
           f"{time.perf_counter() - t0:.1f}s: {reg.meta.shots} shots, {reg.meta.nbytes / 2**20:.2f} MiB, "
-          f"bank-mode u {reg.meta.u:.3f} gamma {reg.meta.gamma:.3f}, store {store.url}")
+          f"normal statistics from {normal['count']} {normal['scored'].replace('_', '-')} scores "
+          f"(u {reg.meta.u:.4f}, gamma {reg.meta.gamma:.4f}), store {store.url}")
+    if normal["thin"]:
+        say(f"warning: only {normal['count']} good-image scores behind {args.product}'s statistics: its threshold is "
+            f"uncertain until self-calibration (stream) or `inspector bank feedback` refines them; register from "
+            f"30 or more good images to avoid this")
+    return 0
+
+
+FEEDBACK_TRIES = 3  # compare-and-set retries when a worker writes the statistics at the same moment
+
+
+def _feedback(args, cfg, store) -> int:
+    import numpy as np
+    import torch
+
+    from .banks import BankError, decode_bank
+    from .banks.normal import NormalStats, calibrated
+    from .banks.register import extract, read_shots
+    from .model.bank import stack_banks
+
+    model, card = _load_model(cfg)
+    images = read_shots(args.good, model.input_size)
+    meta = store.meta(args.line, args.product)
+    shots = {im["sha256"] for im in meta.images}
+    inside = [im.name for im in images if im.sha256 in shots]
+    if inside:
+        raise BankError("in_bank", f"{', '.join(inside)} are shots in {args.product}'s bank: an image cannot be "
+                                   "scored against a bank that contains it")
+    bank, meta = decode_bank(store.blob(args.line, args.product, meta.version), card.signature, model.channels)
+    meta = meta.with_version(store.state(args.line).products.get(args.product, meta.version))
+    feats = extract(model, np.stack([im.pixels for im in images]))
+    hint = torch.zeros(len(images), dtype=torch.long)
+    raw = model.raw_scores(feats, stack_banks([bank]), hint).numpy()
+    for _ in range(FEEDBACK_TRIES):
+        stored = store.normal(args.line, args.product)
+        current = stored if stored is not None and stored.bank_version == meta.version else NormalStats.from_meta(meta)
+        new = current.with_feedback(raw.tolist())
+        if store.put_normal(args.line, new, expect_revision=stored.revision if stored else 0, notify=True):
+            break
+    else:
+        raise BankError("busy", f"{args.product}'s statistics kept changing while writing; try again")
+    print(f"feedback for {args.product} on line {args.line}: {len(images)} confirmed-good images; statistics from "
+          f"{new.count} scores (u {current.u:.4f} -> {new.u:.4f}, gamma {current.gamma:.4f} -> {new.gamma:.4f}); "
+          f"workers serve them within one bank poll")
+    for im, r in zip(images, raw):
+        print(f"  {im.name}: score {calibrated(float(r), current.u, current.gamma):.3f} before, "
+              f"{calibrated(float(r), new.u, new.gamma):.3f} now")
     return 0
 
 
@@ -144,9 +208,16 @@ def _list(args, cfg, store) -> int:
 
 
 def _show(args, cfg, store) -> int:
+    from .banks.normal import NormalStats
+
     meta = store.meta(args.line, args.product, args.version)
     versions = store.versions(args.line, args.product)
     data = json.loads(meta.to_json()) | {"stored_versions": versions, "bytes": meta.nbytes}
+    live = store.normal(args.line, args.product)
+    if live is not None and live.bank_version == meta.version:
+        data["normal_in_service"] = live.summary()
+    else:
+        data["normal_in_service"] = NormalStats.from_meta(meta).summary()
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -157,8 +228,22 @@ def _show(args, cfg, store) -> int:
     for im in meta.images:
         print(f"            {im['name']}  sha256 {im['sha256'][:16]}")
     print("levels      " + ", ".join(f"{n} x {c}" for n, c in meta.levels) + f"  ({meta.nbytes / 2**20:.2f} MiB fp16)")
-    print(f"bank mode   u {meta.u:.4f}  gamma {meta.gamma:.4f}")
+    reg = NormalStats.from_meta(meta)
+    print(f"registered  u {reg.u:.4f}  gamma {reg.gamma:.4f}  ({_stats_line(reg, meta)})")
+    live = data.get("normal_in_service")
+    if live:
+        print(f"in service  u {live['u']:.4f}  gamma {live['gamma']:.4f}  (from {live['source']}, {live['count']} "
+              f"scores, revision {live['revision']}{', FROZEN: a fail-rate jump paused stream learning' if live['frozen'] else ''}"
+              f"{', thin' if live['thin'] else ''}; updated {live['updated_at']})")
     return 0
+
+
+def _stats_line(reg, meta) -> str:
+    if not isinstance(meta.normal, dict):
+        return "leave-one-out map mean and max of the shots: registered before normal statistics existed"
+    how = meta.normal.get("scored", "held_out").replace("_", "-")
+    warn = "; THIN: threshold uncertain until the stream or feedback refines it" if reg.thin else ""
+    return f"{reg.method}, {reg.count} {how} scores{warn}"
 
 
 def _remove(args, cfg, store) -> int:
@@ -205,4 +290,5 @@ def _import(args, cfg, store) -> int:
     return 0
 
 
-BANK_COMMANDS = {"add": _add, "list": _list, "show": _show, "remove": _remove, "export": _export, "import": _import}
+BANK_COMMANDS = {"add": _add, "list": _list, "show": _show, "feedback": _feedback, "remove": _remove,
+                 "export": _export, "import": _import}

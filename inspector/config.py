@@ -223,6 +223,29 @@ class BankConfig:
     tls_ca_file: str | None = _opt(None, _non_empty)
 
 
+def _fraction(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else "must be in (0, 1]"
+
+
+def _at_least_two(value: int) -> str | None:
+    return None if value >= 2 else "must be at least 2"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Self-calibration: each product's normal statistics refined from the frames it serves.
+
+    Field meanings are ``inspector.banks.normal.StreamConfig``'s (the worker builds one from this).
+    """
+
+    stream: bool = _opt(True)  # false: each product keeps its registration (or feedback) statistics
+    window: int = _opt(200, _at_least_two)  # recent scores per product the refresh measures
+    min_count: int = _opt(50, _at_least_two)  # frames of a product before its first refresh
+    refresh_every: int = _opt(25, _positive)  # frames between refreshes of a product
+    max_step: float = _opt(0.5, _positive)  # per refresh: u moves <= max_step spreads, spread x/÷ (1 + max_step)
+    freeze_jump: float = _opt(0.2, _fraction)  # fail-rate rise over the previous window that freezes learning
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     """Metrics and health endpoints. Port 0 disables the server."""
@@ -250,6 +273,7 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     banks: BankConfig = field(default_factory=BankConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -260,6 +284,7 @@ STAGES: dict[str, type] = {
     "engine": EngineConfig,
     "publish": PublishConfig,
     "banks": BankConfig,
+    "calibration": CalibrationConfig,
     "http": HttpConfig,
     "log": LogConfig,
 }

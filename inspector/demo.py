@@ -1,8 +1,11 @@
 """``inspector demo``: the whole product on one machine, in a few minutes on 2 CPU cores.
 
 1. Writes a generated mixed line (deterministic images with defects and masks).
-2. Fits a small model on two *other* generated products (``tiles``, ``rings``).
-3. Registers two line products (``dots``, ``rings``) from 4 good images each.
+2. Fits a small model on two *other* generated products (``tiles``, ``rings``): CADA head and
+   threshold; the flows only with ``--select-scoring`` (leave-one-source-class-out selection,
+   several minutes), which on these products keeps the distance.
+3. Registers two line products (``dots``, ``rings``) from 30 good images each: 4 form the bank,
+   the rest are cross-scored to place each product on the line's one threshold scale.
 4. Starts the real worker (``inspector run``) as a separate process.
 5. Streams frames of all three line products with defects; ``weave`` frames fail as
    ``unknown_product`` until ``weave`` is registered live, a third of the way in, without a restart.
@@ -38,6 +41,8 @@ LINE_NAME = "demo"
 READY_TIMEOUT_S = 300.0
 DRAIN_S = 60.0
 OVERLAYS_PER_GROUP = 4  # heatmap overlays kept per product and truth (good/defect)
+DEMO_RECIPE = 2  # bumped when the demo's model recipe changes, so an older model in --out is not reused
+REGISTRATION_IMAGES = 30  # good images per product at registration: enough to place it on the line's scale
 
 
 def _say(msg: str) -> None:
@@ -53,7 +58,7 @@ def _free_port() -> int:
 
 
 def run_demo(out: Path, weights: str | None, steps: int, progress: bool = True, frames: int = FRAMES,
-             rate: float = RATE_FPS) -> int:
+             rate: float = RATE_FPS, select: bool = False) -> int:
     """Run the demo into ``out``; return the process exit code (0 when every frame got its result)."""
     from trainer.synthetic import generate_dataset
 
@@ -69,11 +74,12 @@ def run_demo(out: Path, weights: str | None, steps: int, progress: bool = True, 
     else:
         print("[demo] backbone: no weights file found, using RANDOM weights (pass --weights or set "
               "INSPECTOR_BACKBONE_WEIGHTS for meaningful features)", file=sys.stderr, flush=True)
-    artifact = _train(out, data, weights, steps, progress)
+    artifact = _train(out, data, weights, steps, progress, select)
     store = f"file://{(out / 'banks').resolve()}"
     for product in START_PRODUCTS:
         _bank_add(store, artifact, data, product)
     summary = _serve_and_stream(out, data, artifact, store, frames, rate)
+    summary["calibration"] = _calibration(store)
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
@@ -82,7 +88,7 @@ def run_demo(out: Path, weights: str | None, steps: int, progress: bool = True, 
     return 0 if summary["accounting"]["complete"] else 1
 
 
-def _train(out: Path, data: Path, weights: str | None, steps: int, progress: bool) -> Path:
+def _train(out: Path, data: Path, weights: str | None, steps: int, progress: bool, select: bool = False) -> Path:
     from trainer.calibrate import CalibrationConfig
     from trainer.fit import FitConfig
     from trainer.train import TrainConfig, train
@@ -91,27 +97,32 @@ def _train(out: Path, data: Path, weights: str | None, steps: int, progress: boo
     from .model import ModelConfig
 
     artifact = out / "model"
-    if (artifact / "card.json").is_file() and read_card(artifact).training.get("fit_steps") == steps:
+    card = read_card(artifact) if (artifact / "card.json").is_file() else None
+    if (card is not None and card.training.get("fit_steps") == steps and card.training.get("demo_recipe") == DEMO_RECIPE
+            and card.training.get("demo_select") == select):
         _say(f"reusing the model in {artifact}")
         return artifact
     cfg = ModelConfig()
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=DEMO_SIZE))
     train_cfg = TrainConfig(
-        data=str(data), classes=SOURCE, weights=weights, images_per_class=40,
+        data=str(data), classes=SOURCE, weights=weights, images_per_class=40, select_scoring=select,
         fit=FitConfig(steps=steps, window=32, checkpoint_every=max(1, steps)),
         calibration=CalibrationConfig(targets_per_class=24, epochs=30),
     )
     card = train(cfg, train_cfg, artifact, out / "work", resume=False, progress=progress)
-    training = dict(card.training, fit_steps=steps)
+    training = dict(card.training, fit_steps=steps, demo_recipe=DEMO_RECIPE, demo_select=select)
     (artifact / "card.json").write_text(dataclasses.replace(card, training=training).to_json())
-    _say(f"trained model {card.model_id} on {', '.join(SOURCE)} in {card.training['seconds']['total']:.0f}s")
+    sel = card.training["scoring"]["selection"]
+    how = sel["reason"] if isinstance(sel, dict) else "the distance, without fitting flows (--select-scoring fits and compares them)"
+    _say(f"trained model {card.model_id} on {', '.join(SOURCE)} in {card.training['seconds']['total']:.0f}s; "
+         f"scoring: {card.model_config.score.scoring} ({how})")
     return artifact
 
 
 def _bank_add(store: str, artifact: Path, data: Path, product: str) -> float:
     from .cli import main as cli_main
 
-    good = sorted((data / product / "train" / "good").iterdir())[:4]
+    good = sorted((data / product / "train" / "good").iterdir())[:REGISTRATION_IMAGES]
     t0 = time.perf_counter()
     code = cli_main(["bank", "add", "--line", LINE_NAME, "--store", store, "--product", product,
                      "--artifact", str(artifact), *map(str, good)])
@@ -183,6 +194,7 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
         rx.start()
         added_at = None
         registered_at: list[int] = []  # index of the frame being sent when the registration returned
+        live_epoch: list[int] = []  # the line's bank epoch once the live product was registered
         sending = [0]
         adder = None
         t0 = time.monotonic()
@@ -193,6 +205,7 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
                 def add_live() -> None:
                     seconds = _bank_add(store, artifact, data, LIVE_PRODUCT)
                     registered_at.append(sending[0])
+                    live_epoch.append(_epoch(store))
                     _say(f"registered {LIVE_PRODUCT} live in {seconds:.1f}s (no worker restart)")
 
                 adder = threading.Thread(target=add_live)
@@ -224,7 +237,7 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
         sub.close(0)
         ctx.term()
         log.close()
-    summary = _summarise(out, stream, results, sent, added_at, exit_code)
+    summary = _summarise(out, stream, results, sent, added_at, live_epoch[0] if live_epoch else None, exit_code)
     summary["live_add"] = _live_add(stream, results, registered_at[0] if registered_at else None, rate)
     return summary
 
@@ -263,12 +276,30 @@ def _live_add(stream, results, registered_at: int | None, rate: float) -> dict:
             "unknown_after_poll": unknown}
 
 
-def _summarise(out: Path, stream, results, sent, added_at, exit_code) -> dict:
+def _epoch(store_url: str) -> int:
+    from .banks import open_store
+
+    store = open_store(store_url)
+    try:
+        return store.state(LINE_NAME).epoch
+    finally:
+        store.close()
+
+
+def _phase(i: int, got, added_at: int, live_epoch: int | None) -> str:
+    """Whether a live-product frame was served before its registration: by the bank epoch the
+    worker served it with (frames queued when the add landed are served after it), else by order."""
+    if got is not None and live_epoch is not None:
+        return "before" if got[0].bank_epoch < live_epoch else "after"
+    return "before" if i < added_at else "after"
+
+
+def _summarise(out: Path, stream, results, sent, added_at, live_epoch, exit_code) -> dict:
     by_product: dict[str, dict] = {}
     e2e = []
     for i, item in enumerate(stream):
         got = results.get(item["frame_id"])
-        phase = "before" if i < added_at else "after"
+        phase = _phase(i, got, added_at, live_epoch)
         key = f"{item['product']} ({phase} {LIVE_PRODUCT} added)" if item["product"] == LIVE_PRODUCT else item["product"]
         row = by_product.setdefault(key, {"frames": 0, "good_pass": 0, "good_fail": 0, "defect_fail": 0,
                                           "defect_pass": 0, "unknown_product": 0, "other": 0})
@@ -299,6 +330,25 @@ def _summarise(out: Path, stream, results, sent, added_at, exit_code) -> dict:
     }
 
 
+def _calibration(store_url: str) -> dict:
+    """Each product's normal statistics after the run: registration's, and those in service."""
+    from .banks import open_store
+    from .banks.normal import NormalStats
+
+    store = open_store(store_url)
+    try:
+        out = {}
+        for product, version in sorted(store.state(LINE_NAME).products.items()):
+            meta = store.meta(LINE_NAME, product, version)
+            live = store.normal(LINE_NAME, product)
+            reg = NormalStats.from_meta(meta.with_version(version))
+            now = live if live is not None and live.bank_version == version else reg
+            out[product] = {"registration": reg.summary(), "in_service": now.summary()}
+        return out
+    finally:
+        store.close()
+
+
 def _print_summary(s: dict) -> None:
     _say("verdicts against the truth (good frames should pass, defective ones fail):")
     print(f"  {'product':<28}{'frames':>7}{'good pass':>11}{'good fail':>11}{'defect fail':>13}"
@@ -306,6 +356,18 @@ def _print_summary(s: dict) -> None:
     for name, row in s["products"].items():
         print(f"  {name:<28}{row['frames']:>7}{row['good_pass']:>11}{row['good_fail']:>11}"
               f"{row['defect_fail']:>13}{row['defect_pass']:>13}{row['unknown_product']:>9}")
+    _say("each product's normal statistics (calibrated score = (raw - u) / (gamma - u); the line threshold "
+         "is the same number for every product):")
+    for product, c in s.get("calibration", {}).items():
+        reg, now = c["registration"], c["in_service"]
+        line = (f"  {product:<8} registered from {reg['count']} cross-scored good images (u {reg['u']:.4f}, "
+                f"gamma {reg['gamma']:.4f}); in service: {now['source']}, {now['count']} scores "
+                f"(u {now['u']:.4f}, gamma {now['gamma']:.4f})")
+        if now["thin"]:
+            line += "; THIN: too few scores, this product's threshold is still uncertain"
+        if now["frozen"]:
+            line += "; FROZEN by a fail-rate jump"
+        print(line)
     lat, acc = s["latency_ms"], s["accounting"]
     _say(f"latency end to end p50 {lat['p50']} ms, p99 {lat['p99']} ms; throughput {s['throughput_fps']} fps")
     _say(f"accounting: sent {acc['sent']}, results {acc['results']} ({s['verdicts']}); "
@@ -352,5 +414,6 @@ def _write_overlays(out: Path, stream, results) -> None:
         "<!doctype html><meta charset='utf-8'><title>Inspector demo heatmaps</title>"
         "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px}</style>"
         "<h1>Inspector demo: frames and calibrated anomaly maps</h1><p>Left: the frame as the model "
-        "sees it. Right: red where the calibrated map is high (0 = typical normal, 1 = normal maximum).</p>"
+        "sees it. Right: red where the calibrated map is high (0 = a typical good part, 1 = about the 99th "
+        "percentile of the product's good parts; the line threshold is on the same scale).</p>"
         + rows)

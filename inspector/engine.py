@@ -154,6 +154,7 @@ class Scored:
     product: str | None
     route_similarity: float | None
     heatmap: np.ndarray | None  # (S, S) float32 calibrated map
+    raw_score: float | None = None  # the uncalibrated score (self-calibration learns from it)
 
 
 def pick_device(name: str) -> torch.device:
@@ -252,7 +253,7 @@ class Engine:
 
     @torch.inference_mode()
     def infer(self, pixels: np.ndarray, hints: Sequence[str | None], snapshot: BankSnapshot,
-              maps: bool = True) -> list[Scored]:
+              maps: bool = True, stats: torch.Tensor | None = None) -> list[Scored]:
         """Score ``(B, S, S, 3)`` uint8 RGB frames.
 
         Args:
@@ -260,6 +261,8 @@ class Engine:
             hints: per frame, the header's product name or None to route by prototype.
             snapshot: the banks in service for this batch.
             maps: also return the calibrated maps (for heatmaps).
+            stats: ``(P, 2)`` normal statistics replacing the snapshot's rows (the worker's
+                self-calibration); None serves the snapshot's.
         """
         n = len(hints)
         if snapshot.tensors is None:
@@ -270,9 +273,11 @@ class Engine:
         images = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
         bank = self._bank(snapshot)
+        rows = bank.stats if stats is None else stats.to(device=self.device, dtype=bank.stats.dtype)
         with autocast:
-            out = self.runner(images, hint, bank.prototypes, bank.stats, *bank.features)
-        cal_map, _, score, product, sim = (torch.as_tensor(o) for o in out[:5])
+            out = self.runner(images, hint, bank.prototypes, rows, *bank.features)
+        cal_map, _, score, product, sim, u, gamma = (torch.as_tensor(o) for o in out[:7])
+        raw = (u.float() + score.float() * (gamma.float() - u.float())).cpu().numpy()
         score = score.float().cpu().numpy()
         product = product.cpu().numpy()
         sim = sim.float().cpu().numpy()
@@ -286,7 +291,7 @@ class Engine:
             elif hints[i] is None and sim[i] < self.min_route_similarity:
                 out.append(Scored("fail", REASON_UNKNOWN, float(score[i]), None, float(sim[i]), heat))
             elif score[i] > self.threshold:
-                out.append(Scored("fail", REASON_ANOMALY, float(score[i]), name, float(sim[i]), heat))
+                out.append(Scored("fail", REASON_ANOMALY, float(score[i]), name, float(sim[i]), heat, float(raw[i])))
             else:
-                out.append(Scored("pass", None, float(score[i]), name, float(sim[i]), heat))
+                out.append(Scored("pass", None, float(score[i]), name, float(sim[i]), heat, float(raw[i])))
         return out

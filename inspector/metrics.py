@@ -74,6 +74,21 @@ class WorkerMetrics:
             "inspector_heatmap_errors", "Heatmaps that could not be encoded.", registry=reg)
         self.notify_errors_total = Counter(
             "inspector_notify_errors", "systemd notifications that could not be sent.", registry=reg)
+        self.calibration_u = Gauge(
+            "inspector_calibration_u", "Each product's normal statistics in service: u (calibrated score 0).",
+            ["product"], registry=reg)
+        self.calibration_gamma = Gauge(
+            "inspector_calibration_gamma", "Each product's normal statistics in service: gamma (calibrated score 1).",
+            ["product"], registry=reg)
+        self.calibration_count = Gauge(
+            "inspector_calibration_count", "Good-image or stream scores behind each product's statistics, by source.",
+            ["product", "source"], registry=reg)
+        self.calibration_frozen = Gauge(
+            "inspector_calibration_frozen", "1 while a product's stream learning is frozen by a fail-rate jump.",
+            ["product"], registry=reg)
+        self.calibration_updates_total = Counter(
+            "inspector_calibration_updates", "Changes to products' statistics, by product and kind "
+            "(stream, frozen, unfrozen, persist_failed).", ["product", "kind"], registry=reg)
         self.ready = Gauge("inspector_ready", "1 once the worker serves results, else 0.", registry=reg)
         self.info = Gauge("inspector_info", "Constant 1, labelled with the line and model id.",
                           ["line", "model"], registry=reg)
@@ -128,6 +143,19 @@ class WorkerMetrics:
 
     def notify_failed(self) -> None:
         self.notify_errors_total.inc()
+
+    def set_calibration(self, summaries: Mapping[str, Mapping]) -> None:
+        """Show each product's statistics in service (``NormalStats.summary()`` per product)."""
+        for gauge in (self.calibration_u, self.calibration_gamma, self.calibration_count, self.calibration_frozen):
+            gauge.clear()
+        for product, s in summaries.items():
+            self.calibration_u.labels(product=product).set(s["u"])
+            self.calibration_gamma.labels(product=product).set(s["gamma"])
+            self.calibration_count.labels(product=product, source=s["source"]).set(s["count"])
+            self.calibration_frozen.labels(product=product).set(1 if s["frozen"] else 0)
+
+    def calibration_update(self, product: str, kind: str) -> None:
+        self.calibration_updates_total.labels(product=product, kind=kind).inc()
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

@@ -111,6 +111,9 @@ class Worker:
         self.watcher = BankWatcher(self.store, cfg.line, card.signature, model.channels, capacity,
                                    b.capacity_products, b.poll_interval_s, on_event=self._bank_event)
         self.watcher.start(initial_timeout=b.poll_interval_s)
+        from .calibration import LineCalibration
+
+        self.calibration = LineCalibration(cfg.calibration, self.store, cfg.line, self.metrics, self.log)
 
     def _bank_event(self, event: str, **fields: Any) -> None:
         if event == "bank_swapped":
@@ -164,7 +167,7 @@ class Worker:
         snap = self.watcher.snapshot
         return {"line": self.cfg.line, "status": self.status, "model": self.card.model_id, "pid": os.getpid(),
                 "bank_epoch": snap.epoch, "products": list(snap.products), "processed": self.processed,
-                "time_ns": time.time_ns()}
+                "calibration": self.calibration.summaries(), "time_ns": time.time_ns()}
 
     # -- results ---------------------------------------------------------------------------
     def _result(self, job: Job, verdict: str, reason: str | None, snapshot: BankSnapshot | None = None,
@@ -265,7 +268,8 @@ class Worker:
         t0 = time.monotonic()
         try:
             scored = self.engine.infer(np.stack([p for _, p, _ in live]), [j.header.product for j, _, _ in live],
-                                       snapshot, maps=self.cfg.publish.heatmaps != "none")
+                                       snapshot, maps=self.cfg.publish.heatmaps != "none",
+                                       stats=self.calibration.stats_for(snapshot))
         except Exception as err:  # e.g. out of memory: fail this batch's frames loudly, keep serving
             self.log.error("engine_failed", batch=len(live), error=repr(err))
             for job, _, queue_ms in live:
@@ -274,6 +278,7 @@ class Worker:
         done = time.monotonic()
         infer_ms = round(1000 * (done - t0), 3)
         self.metrics.observe_batch(len(live))
+        self.calibration.observe(snapshot, scored)
         for (job, _, _), s in zip(live, scored):
             lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
             result = self._result(job, s.verdict, s.reason, snapshot, score=s.score, threshold=self.engine.threshold,
@@ -330,6 +335,7 @@ class Worker:
         if self.stream is not None:
             self.stream.stop()
         self.watcher.stop()
+        self.calibration.close()
         self.store.close()
         if self.health is not None:
             self.health.stop()

@@ -17,15 +17,19 @@ REAL_DATA = SHARED / "data" / "industrial"
 REAL_WEIGHTS = SHARED / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
 
 
-def tiny_config(size: int = 64, blocks: int = 2, calibration: str = "cada") -> ModelConfig:
-    """A model small enough for unit tests: 64 px input, 2 flow blocks, 8 position dims."""
+def tiny_config(size: int = 64, blocks: int = 2, calibration: str = "cada", scoring: str = "flow") -> ModelConfig:
+    """A model small enough for unit tests: 64 px input, 2 flow blocks, 8 position dims.
+
+    It serves its flows by default, so the flow paths stay under test; ``scoring="distance"``
+    gives the shipped training-free default.
+    """
     base = ModelConfig()
     return ModelConfig(
         backbone=BackboneConfig(input_size=size),
         bank=BankConfig(shots=4, chunk=64),
         flow=FlowConfig(blocks=blocks, pos_dims=8),
         cada=CadaConfig(hidden=16),
-        score=type(base.score)(calibration=calibration),
+        score=type(base.score)(calibration=calibration, scoring=scoring),
     )
 
 

@@ -70,7 +70,8 @@ def test_add_list_show_export_import_remove(capsys, artifact, good_images, store
     assert code == 0 and shown["candidates"] == 6 and len(shown["images"]) == 4
     assert shown["gamma"] > shown["u"] and shown["signature"].startswith("resnet18@random:64")
     code, out, _ = run(capsys, "bank", "show", *base, "--product", "valve-b")
-    assert "bank mode" in out and "signature" in out
+    assert "registered  u" in out and "signature" in out
+    assert "2 held-out scores" in out and "THIN" in out  # 6 images: 4 shots, 2 cross-scored
 
     exported = tmp_path / "valve-b.bank"
     code, out, _ = run(capsys, "bank", "export", *base, "--product", "valve-b", "--out", str(exported))

@@ -13,6 +13,8 @@ from torch.export import Dim, export
 
 from inspector.model import BankTensors, FlowConfig, InspectionModel, ModelConfig, build_bank, stack_banks, verdicts
 from inspector.model.bank import greedy_k_center, nearest_neighbours
+
+from .conftest import tiny_config
 from inspector.model.calibration import GaussianBlur, calibrate, top_fraction_mean
 from inspector.model.flow import build_flow, log_likelihood, positional_encoding
 
@@ -169,10 +171,31 @@ def test_coreset_caps_and_spreads() -> None:
     assert build_bank(feats, coreset=20).features[0].shape == (20, 8)
 
 
-def test_bank_statistics_leave_one_out(tiny_model: InspectionModel) -> None:
+def test_leave_one_out_scores_never_score_a_shot_against_itself(tiny_model: InspectionModel) -> None:
     feats, _ = make_banks(tiny_model, n=1)
-    u, gamma = tiny_model.bank_statistics(feats)
-    assert math.isfinite(u) and gamma > u
+    k = feats[0].shape[0]
+    scores = tiny_model.leave_one_out_scores(feats)
+    assert scores.shape == (k,) and torch.isfinite(scores).all()
+    for i in range(k):  # each equals the shot scored against a bank of the others, built by hand
+        others = [f[[j for j in range(k) if j != i]] for f in feats]
+        alone = tiny_model.raw_scores([f[i : i + 1] for f in feats], stack_banks([build_bank(others)]),
+                                      torch.zeros(1, dtype=torch.long))
+        torch.testing.assert_close(scores[i : i + 1], alone, rtol=1e-5, atol=1e-6)  # same arithmetic, batched
+    own = tiny_model.raw_scores([f[:1] for f in feats], stack_banks([build_bank(feats)]), torch.zeros(1, dtype=torch.long))
+    assert own[0] < scores[0]  # against a bank that contains it a shot scores lower: that is what is avoided
+
+
+def test_distance_scoring_serves_the_nearest_neighbour_map_without_flows() -> None:
+    torch.manual_seed(0)
+    model = InspectionModel(tiny_config(scoring="distance")).eval()
+    feats, bank = make_banks(model)
+    calls = []
+    for flow in model.flows:
+        flow.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        a = model.analyse([f[4:6] for f in feats], bank, torch.tensor([1, 1]))
+    assert not calls  # no flow ran
+    torch.testing.assert_close(a.raw_map, a.nn_map)
 
 
 def test_torch_export_dynamic_batch(tiny_model: InspectionModel) -> None:

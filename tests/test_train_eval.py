@@ -19,7 +19,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                             n_test_good=4, n_test_defect=4, size=64, seed=0)
     code = main(["train", "--data", str(data), "--classes", "tiles,rings", "--out", str(base / "model"),
                  "--random-backbone", "--input-size", "64", "--steps", "4", "--batch", "4",
-                 "--images-per-class", "12", "--cada-epochs", "3", "--quiet"])
+                 "--images-per-class", "12", "--cada-epochs", "3", "--scoring", "flow",
+                 "--registration-images", "8", "--quiet"])
     assert code == 0
     return data, base / "model"
 
@@ -30,7 +31,7 @@ def test_train_writes_a_complete_card(trained: tuple[Path, Path]) -> None:
     t = card.training
     assert t["source_classes"] == ["tiles", "rings"]
     assert set(t["thresholds"]) == {"cada", "bank", "none"}
-    assert card.model_config.score.threshold == t["thresholds"]["cada"]
+    assert card.model_config.score.threshold == t["thresholds"]["bank"]  # the shipped default calibration
     assert card.backbone["weights_sha256"] is None  # random backbone is recorded as such
     assert len(t["data_digest"]) == 64 and t["stage1"]["steps"] == 4
     log = (model.parent / "model.work" / "train_log.jsonl").read_text().splitlines()
@@ -41,8 +42,16 @@ def test_eval_reports_every_mode_and_the_mixed_pool(trained: tuple[Path, Path], 
                                                     capsys: pytest.CaptureFixture) -> None:
     data, model = trained
     assert main(["eval", "--artifact", str(model), "--data", str(data), "--classes", "weave",
-                 "--out", str(tmp_path), "--draws", "2", "--quiet"]) == 0
+                 "--out", str(tmp_path), "--draws", "2", "--registration-images", "6", "--stream-frames", "6",
+                 "--quiet"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
+    line = report["line"]
+    assert line["mode"] == "bank" and line["registration_images"] == 6 and line["draws"] == 2
+    rates = line["classes"]["weave"]
+    assert all(0.0 <= rates[k] <= 1.0 for k in ("frr", "escape", "oracle_escape"))
+    stream = line["stream"]
+    assert stream["start_images"] == 4 and stream["frames"] == 6  # 12 train images: 6 registered, 6 streamed
+    assert 0.0 <= stream["classes"]["weave"]["frr"] <= 1.0 and stream["traces"]["weave"][0]["frames"] == 0
     summary = report["summary"]
     for mode in ("cada", "bank", "none", "baseline"):
         mixed = summary[mode]["mixed"]
@@ -50,7 +59,7 @@ def test_eval_reports_every_mode_and_the_mixed_pool(trained: tuple[Path, Path], 
         assert "aupro" in summary[mode]["per_class"]["weave"]
     assert "false_reject_rate" in summary["cada"]["mixed"] and "false_reject_rate" not in summary["baseline"]["mixed"]
     assert len(report["shot_files"]) == 2 and len(report["shot_files"][0]["weave"]) == 4
-    for name in ("scores.png", "heatmaps.png", "roc_mixed.png"):
+    for name in ("scores.png", "heatmaps.png", "roc_mixed.png", "stream.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "heatmaps.png" in (tmp_path / "index.html").read_text()
     assert "img AUROC mixed" in capsys.readouterr().out

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from inspector.banks.register import register_features
 from inspector.model import InspectionModel, build_bank, stack_banks
 from inspector.model.config import CALIBRATION_MODES
 
@@ -36,6 +37,7 @@ class CalibrationConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     draws: int = 2  # shot draws per class for the threshold
+    registration_images: int = 50  # good images each source class is registered from (bank + normal statistics)
     target_false_reject_rate: float = 0.01
     seed: int = 0
 
@@ -147,18 +149,19 @@ def holdout_scores(
 ) -> dict[str, np.ndarray]:
     """Scores of every held-out normal image, per calibration mode, over ``cfg.draws`` bank draws.
 
-    Each draw registers every source class from k random fit images (with bank-mode statistics),
-    then routes the held-out images among them, as the worker would.
+    Each draw registers every source class from ``registration_images`` random fit images, as
+    ``inspector bank add`` does (k diverse shots in the bank, the rest cross-scored for the normal
+    statistics), then routes the held-out images among them, as the worker would.
     """
-    k = model.cfg.bank.shots
     scores: dict[str, list[torch.Tensor]] = {m: [] for m in CALIBRATION_MODES}
     scores["routed_correctly"] = []
     for _ in tqdm(range(cfg.draws), desc="threshold draws", unit="draw", disable=not progress):
         banks = []
         for mat in classes:
-            shots = select(mat.fit, rng.choice(mat.fit[0].shape[0], size=k, replace=False))
-            u, gamma = model.bank_statistics(shots)
-            banks.append(build_bank(shots, model.cfg.bank.coreset).with_stats(u, gamma))
+            n = mat.fit[0].shape[0]
+            images = select(mat.fit, np.sort(rng.choice(n, size=min(n, cfg.registration_images), replace=False)))
+            reg = register_features(model, mat.name, images, model.cfg.bank.shots, model.cfg.bank.coreset)
+            banks.append(reg.bank)
         stacked = stack_banks(banks)
         for c, mat in enumerate(classes):
             for start in range(0, mat.holdout[0].shape[0], 8):

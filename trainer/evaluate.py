@@ -20,11 +20,13 @@ import torch
 from tqdm import tqdm
 
 from inspector.artifact import ModelCard
-from inspector.model import InspectionModel, build_bank, stack_banks
+from inspector.banks.normal import NormalStats, StreamConfig
+from inspector.banks.register import RegisteredFeatures, register_features
+from inspector.model import InspectionModel, stack_banks
 from inspector.model.calibration import top_fraction_count
 from inspector.model.config import CALIBRATION_MODES
 
-from . import metrics
+from . import line_eval, metrics
 from .data import ImageCache, list_samples
 from .features import extract_features, select
 
@@ -42,6 +44,10 @@ class EvalConfig:
     pixel_metrics: bool = True
     max_fpr: float = 0.3  # AUPRO integration limit (MVTec AD protocol)
     examples_per_class: int = 4  # heatmap overlays per class in the report
+    registration_images: int = 50  # good train images each class is registered from (k shots + cross-scored rest)
+    test_per_class: int | None = None  # random test images kept per class (None: all)
+    stream_frames: int = 200  # simulated stream per class after registering from k shots only (0: none)
+    stream_defect_rate: float = 0.05  # share of defective frames in the simulated stream
 
 
 @dataclass
@@ -87,22 +93,41 @@ def load_test_set(
     )
 
 
+@dataclass
+class DrawClass:
+    """One class's registration in a draw: what the stream simulation starts from."""
+
+    registered: RegisteredFeatures
+    shot_features: list[torch.Tensor]  # the k shots' features (leave-one-out start of the stream)
+    unused: list[Any]  # train/good samples not used for registration (the stream's good frames)
+
+
 @torch.no_grad()
 def register_draw(
-    model: InspectionModel, root: str | Path, classes: Sequence[str], rng: np.random.Generator
-) -> tuple[Any, list[list[str]]]:
-    """Register every class from k random train/good images; return stacked banks and shot names."""
+    model: InspectionModel, root: str | Path, classes: Sequence[str], rng: np.random.Generator,
+    images: int | None = None,
+) -> tuple[Any, list[list[str]], list[DrawClass]]:
+    """Register every class from ``images`` random train/good images as ``bank add`` does.
+
+    Returns:
+        stacked banks (calibrated by cross-scored normal statistics), the shots' file names per
+        class, and per class what the stream simulation needs.
+    """
     k = model.cfg.bank.shots
-    banks, shot_names = [], []
+    n_images = max(k, images or k)
+    banks, shot_names, info = [], [], []
     for cls in classes:
         pool = list_samples(root, cls, "train")
-        picked = [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
+        chosen = sorted(rng.choice(len(pool), size=min(n_images, len(pool)), replace=False))
+        picked = [pool[i] for i in chosen]
         cache = ImageCache.load(picked, model.input_size)
         feats = [f.float() for f in extract_features(model, cache.images, progress=False)]
-        u, gamma = model.bank_statistics(feats)
-        banks.append(build_bank(feats, model.cfg.bank.coreset).with_stats(u, gamma))
-        shot_names.append([p.path.name for p in picked])
-    return stack_banks(banks), shot_names
+        reg = register_features(model, cls, feats, k, model.cfg.bank.coreset)
+        banks.append(reg.bank)
+        shot_names.append([picked[i].path.name for i in reg.keep])
+        used = set(chosen)
+        info.append(DrawClass(reg, [f[reg.keep] for f in feats], [p for i, p in enumerate(pool) if i not in used]))
+    return stack_banks(banks), shot_names, info
 
 
 @torch.no_grad()
@@ -231,17 +256,21 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model.eval()
-    test = load_test_set(model, root, classes, progress)
+    test = load_test_set(model, root, classes, progress, per_class=cfg.test_per_class, seed=cfg.seed)
     thresholds = dict(card.training.get("thresholds", {}))
     fraction = model.cfg.score.top_fraction
-    per_draw, shots, first = [], [], None
+    shipped = model.cfg.score.calibration
+    frr_target = float(card.false_reject_rate) if card.false_reject_rate else 0.01
+    per_draw, shots, first, lines = [], [], None, []
     for d in tqdm(range(cfg.draws), desc="shot draws", unit="draw", disable=not progress):
         rng = np.random.default_rng(cfg.seed + d)
-        bank, names = register_draw(model, root, classes, rng)
+        bank, names, info = register_draw(model, root, classes, rng, cfg.registration_images)
         draw = run_draw(model, test, bank, cfg.batch, progress)
         record, scores = draw_metrics(test, draw, thresholds, cfg, fraction)
         per_draw.append(record)
         shots.append(dict(zip(classes, names)))
+        if shipped in thresholds:
+            lines.append(draw_line(model, test, draw, scores[shipped], info, thresholds[shipped], frr_target, cfg, rng))
         if first is None:
             first = (draw, scores)
     report = {
@@ -257,11 +286,58 @@ def evaluate(
         "summary": summarise(per_draw, classes),
         "draws": per_draw,
         "shot_files": shots,
+        "line": summarise_line(lines, classes, shipped, thresholds.get(shipped), frr_target, cfg) if lines else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json(out_dir / "report.json", report)
-    write_plots(out_dir, test, first[0], first[1], thresholds, model.cfg.score.calibration, cfg)
+    write_plots(out_dir, test, first[0], first[1], thresholds, model.cfg.score.calibration, cfg, report["line"])
     return report
+
+
+def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray], scores: np.ndarray,
+              info: Sequence[DrawClass], threshold: float, frr_target: float, cfg: EvalConfig,
+              rng: np.random.Generator) -> dict[str, Any]:
+    """One draw's line rates at the shipped threshold, and each class's simulated stream."""
+    out: dict[str, Any] = {"classes": line_eval.line_rates(test.class_of, test.labels, scores, test.classes,
+                                                           threshold, frr_target), "stream": {}}
+    if not cfg.stream_frames:
+        return out
+    raw = image_scores(draw["raw"], model.cfg.score.top_fraction)
+    if any(not ci.unused for ci in info):  # every good image went into registration: nothing left to stream
+        return out
+    for c, (name, ci) in enumerate(zip(test.classes, info)):
+        sel = test.class_of == c
+        start = NormalStats.from_registration(name, model.leave_one_out_scores(ci.shot_features).tolist(),
+                                              ci.registered.normal.method)
+        good = ci.unused[: cfg.stream_frames]
+        cache = ImageCache.load(good, model.input_size)
+        feats = extract_features(model, cache.images, progress=False)
+        good_raw = line_eval.raw_scores_against(model, feats, ci.registered.bank)
+        defect_raw = raw[sel & (test.labels == 1)]
+        plan = line_eval.stream_plan(good_raw, defect_raw, cfg.stream_frames, cfg.stream_defect_rate, rng)
+        out["stream"][name] = line_eval.simulate_stream(start, plan, threshold, StreamConfig(),
+                                                        test.labels[sel], raw[sel])
+        out["stream"][name]["start_count"] = start.count
+    return out
+
+
+def summarise_line(lines: Sequence[dict[str, Any]], classes: Sequence[str], mode: str, threshold: float,
+                   frr_target: float, cfg: EvalConfig) -> dict[str, Any]:
+    """Means over draws of the line rates and the stream results; the first draw's traces."""
+    keys = ("frr", "escape", "oracle_escape", "loco_frr")
+    per_class = {c: {k: _mean_std([d["classes"][c][k] for d in lines])["mean"]
+                     for k in keys if all(k in d["classes"][c] for d in lines)} for c in classes}
+    out = {"mode": mode, "threshold": threshold, "frr_target": frr_target,
+           "registration_images": cfg.registration_images, "draws": len(lines), "classes": per_class}
+    if cfg.stream_frames and lines[0]["stream"]:
+        out["stream"] = {
+            "frames": cfg.stream_frames, "defect_rate": cfg.stream_defect_rate,
+            "start_images": int(lines[0]["stream"][classes[0]]["start_count"]),
+            "classes": {c: {k: _mean_std([d["stream"][c][k] for d in lines])["mean"]
+                            for k in ("frr", "escape", "stream_frr")} for c in classes},
+            "traces": {c: lines[0]["stream"][c]["trace"] for c in classes},
+        }
+    return out
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -280,10 +356,17 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_plots(
     out_dir: Path, test: TestSet, draw: dict[str, np.ndarray], scores: dict[str, np.ndarray],
-    thresholds: dict[str, float], shipped_mode: str, cfg: EvalConfig,
+    thresholds: dict[str, float], shipped_mode: str, cfg: EvalConfig, line: dict[str, Any] | None = None,
 ) -> None:
-    """Score distributions before/after calibration, ROC curves, heatmap overlays, an index page."""
+    """Score distributions before/after calibration, ROC curves, heatmap overlays, stream traces, an index page."""
     from . import report as plots
+
+    stream = []
+    if line and "stream" in line:
+        plots.plot_stream_traces(line["stream"]["traces"], out_dir / "stream.png", line["frr_target"],
+                                 title=f"After registering from {line['stream']['start_images']} good images: "
+                                       "rates at the shipped threshold as the stream refines the statistics (draw 0)")
+        stream = [("Self-calibration", [("stream.png", "false-reject and escape rate against stream length")])]
 
     classes = np.asarray(test.classes)[test.class_of]
     plots.plot_score_distributions(
@@ -306,6 +389,7 @@ def write_plots(
     plots.write_html_index(out_dir / "index.html", "Evaluation report", [
         ("Scores", [("scores.png", "image scores per class and mode, draw 0"), ("roc_mixed.png", "mixed ROC")]),
         ("Heatmaps", [("heatmaps.png", f"calibrated maps ({shipped_mode}), draw 0")]),
+        *stream,
     ])
 
 

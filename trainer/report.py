@@ -400,6 +400,33 @@ def plot_roc_curves(
     return _save(fig, path)
 
 
+def plot_stream_traces(traces: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                       frr_target: float | None = None, title: str | None = None) -> Path:
+    """False-reject and escape rates on the test set against stream length, one line per class.
+
+    Args:
+        traces: class -> points ``{"frames", "frr", "escape"}`` (``trainer.line_eval.simulate_stream``).
+        path: Output PNG path.
+        frr_target: drawn as a dotted line on the false-reject panel.
+        title: Optional figure title.
+    """
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for name, points in traces.items():
+        frames = [p["frames"] for p in points]
+        axes[0].step(frames, [p["frr"] for p in points], where="post", linewidth=1.6, label=name)
+        axes[1].step(frames, [p["escape"] for p in points], where="post", linewidth=1.6, label=name)
+    if frr_target is not None:
+        axes[0].axhline(frr_target, color="0.4", linestyle=":", linewidth=1, label=f"target {frr_target:.0%}")
+    for ax, what in zip(axes, ("false-reject rate", "escape rate")):
+        ax.set(xlabel="stream frames of the product", ylabel=what, ylim=(-0.02, 1.02))
+        ax.grid(color="0.9", linewidth=0.6)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------------
 # HTML index
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from . import calibrate
 from .calibrate import CalibrationConfig
 from .dataset import check_views, data_digest, prepare_sources
 from .fit import FitConfig, fit_flows
+from .select import select_scoring
 from .synthetic import generate_dataset
 
 
@@ -35,6 +36,9 @@ class TrainConfig:
     synthetic_sources: tuple[str, ...] = ()  # generated products added as extra source classes
     source_views: tuple[str, ...] = ()  # appearance changes of each source class added as classes (VIEWS)
     seed: int = 0
+    # Choose the scoring by leave-one-source-class-out (trainer.select): fit the flows on all source
+    # classes but one, for each one, and ship them only if they beat the distance on the held-out ones.
+    select_scoring: bool = True
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -67,7 +71,15 @@ def train(
             cfg.anomalies_per_image, False, cfg.seed, progress,
         )
     t_prep = time.perf_counter() - t0
-    stage1 = fit_flows(model, classes, cfg.fit, workdir, resume=resume, progress=progress)
+    selection = None
+    if cfg.select_scoring:
+        selection = select_scoring(model, classes, cfg.fit, workdir, resume, progress, cfg.seed)
+        model_cfg = dataclasses.replace(model_cfg, score=dataclasses.replace(model_cfg.score, scoring=selection["shipped"]))
+        model.cfg = model_cfg
+    if model_cfg.score.scoring == "flow":
+        stage1 = fit_flows(model, classes, cfg.fit, workdir, resume=resume, progress=progress)
+    else:  # the distance is served: flows that never run are not fitted
+        stage1 = {"steps": 0, "seconds": 0.0, "skipped": "scoring is distance: the flows are not run"}
     rng = np.random.default_rng(cfg.calibration.seed)
     t2 = time.perf_counter()
     train_set, val_set = calibrate.cada_targets(model, classes, cfg.calibration, rng, progress)
@@ -93,6 +105,8 @@ def train(
             "false_reject_rate": {m: float((held[m] > thresholds[m]).mean()) for m in thresholds},
         },
         "stage1": stage1,
+        "scoring": {"shipped": model_cfg.score.scoring,
+                    "selection": selection or "not run: the scoring was given (inspector train --scoring)"},
         "cada": stage2,
         "seconds": {
             "prepare": round(t_prep, 1), "flows": round(stage1["seconds"], 1),

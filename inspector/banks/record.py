@@ -56,13 +56,16 @@ class BankMeta:
         shots: number of images in the bank.
         images: ``[{"name", "sha256"}]`` of the shots, in bank order.
         levels: ``[[N_l, C_l]]`` vectors and channels per level.
-        u, gamma: bank-mode normal statistics (DESIGN section 4, calibration ``bank``).
+        u, gamma: the product's calibration at registration: score = (raw - u) / (gamma - u).
         model_id: the artifact that measured ``u`` and ``gamma``.
         coreset: the cap on vectors per level, or None.
         created_at: ISO 8601 UTC time of registration.
         content_sha256: digest of the tensors, checked on load.
         version: the store's version number (0 until stored).
         candidates: how many images were offered when the shots were picked from more.
+        normal: the normal statistics measured at registration (method, count, thin, how the
+            images were scored, the raw scores); None for banks registered before they existed,
+            whose ``u``/``gamma`` are leave-one-out map mean and max.
     """
 
     product: str
@@ -80,6 +83,7 @@ class BankMeta:
     candidates: int = 0
     schema: int = BANK_SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
+    normal: dict[str, Any] | None = None  # registration statistics (NormalStats.summary + scores); None: older banks
 
     @property
     def nbytes(self) -> int:

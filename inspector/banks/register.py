@@ -1,8 +1,9 @@
-"""Registering a product: a few good images -> a reference bank with bank-mode statistics.
+"""Registering a product: its good images -> a reference bank and its normal statistics.
 
-``inspector bank add`` calls this. When more images are offered than shots wanted, the shots are
-the most diverse ones: greedy k-center on the images' global (prototype) features, so the bank
-covers the product's variation instead of k near-duplicates.
+``inspector bank add`` calls this. The shots in the bank are the most diverse of the offered
+images (greedy k-center on the images' global features), so the bank covers the product's
+variation instead of k near-duplicates; the other images are cross-scored against that bank to
+measure the product's normal score statistics (``inspector.banks.normal``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from PIL import Image, UnidentifiedImageError
 
 from ..decode import decode_image, pillow_to_rgb, resize_square
 from ..model import InspectionModel
-from ..model.bank import ProductBank, build_bank, greedy_k_center, prototype_of
+from ..model.bank import ProductBank, build_bank, greedy_k_center, prototype_of, stack_banks
 from ..wire import FrameHeader
+from .normal import DEFAULT_METHOD, NormalStats
 from .record import BankError, BankMeta, check_name, content_digest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -107,6 +109,59 @@ def pick_diverse(top_level: torch.Tensor, k: int, seed: int = 0) -> list[int]:
     return sorted(int(i) for i in greedy_k_center(prototype_of(top_level), k, seed))
 
 
+SCORE_BATCH = 8  # held-out images scored per pass while registering: bounds the similarity blocks' memory
+
+
+@torch.no_grad()
+def cross_scores(model: InspectionModel, feats: Sequence[torch.Tensor], keep: Sequence[int],
+                 bank: ProductBank) -> tuple[np.ndarray, str]:
+    """Raw scores of a product's good images, none scored against a bank that contains it.
+
+    The images not kept as shots are scored against the served bank itself (exactly what the
+    worker will compute for them). With fewer than 2 of those, each shot is scored against a bank
+    of the other shots (leave-one-out), which says little about a product's spread.
+
+    Returns:
+        ``(scores, how)``: raw image scores and ``"held_out"`` or ``"leave_one_out"``.
+    """
+    held = [i for i in range(feats[0].shape[0]) if i not in set(keep)]
+    if len(held) < 2:
+        return model.leave_one_out_scores([f[list(keep)] for f in feats]).cpu().numpy(), "leave_one_out"
+    stacked = stack_banks([bank])
+    out = []
+    for start in range(0, len(held), SCORE_BATCH):
+        rows = held[start : start + SCORE_BATCH]
+        hint = torch.zeros(len(rows), dtype=torch.long)
+        out.append(model.raw_scores([f[rows] for f in feats], stacked, hint))
+    return torch.cat(out).cpu().numpy(), "held_out"
+
+
+@dataclass(frozen=True)
+class RegisteredFeatures:
+    """A product's bank (carrying its calibration as ``stats``), its normal statistics, which of
+    the images are the shots, and how the statistics' scores were obtained."""
+
+    bank: ProductBank
+    normal: NormalStats
+    keep: list[int]
+    scored: str
+
+
+def register_features(model: InspectionModel, product: str, feats: Sequence[torch.Tensor], shots: int,
+                      coreset: int | None = None, seed: int = 0, method: str = DEFAULT_METHOD) -> RegisteredFeatures:
+    """Registration from backbone features: what ``inspector bank add``, the trainer's threshold and
+    the evaluation all do with a product's good images, so their numbers are the served ones.
+
+    Args:
+        feats: per level ``(N, C, H, W)`` features of the N >= 2 good images.
+    """
+    keep = pick_diverse(feats[-1], shots, seed)
+    bank = build_bank([f[keep] for f in feats], coreset, seed)
+    scores, how = cross_scores(model, feats, keep, bank)
+    normal = NormalStats.from_registration(product, scores.tolist(), method)
+    return RegisteredFeatures(bank.with_stats(normal.u, normal.gamma), normal, keep, how)
+
+
 def register_product(
     model: InspectionModel,
     signature: str,
@@ -117,14 +172,21 @@ def register_product(
     coreset: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> Registration:
-    """Build ``product``'s bank from ``images`` (at least 2: bank-mode statistics need k-1 >= 1).
+    """Build ``product``'s bank and normal statistics from its good ``images`` (at least 2).
+
+    The ``shots`` most diverse images form the bank; every other image is scored against it
+    (cross-scoring), and the product's normal statistics come from those scores. With 30 or
+    more images the statistics place the product on the line's scale; with only the shots,
+    leave-one-out scores are used and the statistics are marked thin.
 
     Args:
         model: the serving model (eval mode); its backbone extracts the features.
         signature: the model's backbone signature, stored so a worker can refuse a mismatch.
-        model_id: the artifact that measures the bank-mode statistics.
-        shots: images kept; with more offered, the ``shots`` most diverse are kept.
+        model_id: the artifact that measured the statistics.
+        shots: images kept in the bank; with more offered, the ``shots`` most diverse are kept.
+        method: the normalisation (``inspector.banks.normal.METHODS``).
     """
     check_name("product", product)
     if shots < 2:
@@ -134,25 +196,24 @@ def register_product(
     say = progress or (lambda _msg: None)
     say(f"extracting features of {len(images)} images")
     feats = extract(model, np.stack([im.pixels for im in images]))
-    keep = pick_diverse(feats[-1], shots, seed)
+    say(f"building the bank from the {min(shots, len(images))} most diverse images and scoring "
+        f"{len(images)} images against banks that do not contain them")
+    product_bank = register_features(model, product, feats, shots, coreset, seed, method)
+    bank, normal, keep = product_bank.bank, product_bank.normal, product_bank.keep
     chosen = [images[i] for i in keep]
-    feats = [f[keep] for f in feats]
-    say(f"building the bank from {len(chosen)} shots and measuring bank-mode statistics")
-    bank = build_bank(feats, coreset, seed)
-    u, gamma = model.bank_statistics(feats)
-    bank = bank.with_stats(u, gamma)
     meta = BankMeta(
         product=product,
         signature=signature,
         shots=len(chosen),
         images=[{"name": im.name, "sha256": im.sha256} for im in chosen],
         levels=[list(f.shape) for f in bank.features],
-        u=u,
-        gamma=gamma,
+        u=normal.u,
+        gamma=normal.gamma,
         model_id=model_id,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         content_sha256=content_digest(bank),
         coreset=coreset,
         candidates=len(images),
+        normal={**normal.summary(), "scored": product_bank.scored, "scores": normal.registration},
     )
     return Registration(bank, meta, tuple(im.name for im in chosen))

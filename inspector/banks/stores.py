@@ -13,9 +13,17 @@ Redis keys (prefix configurable, default ``inspector``)::
     <prefix>:line:<L>:products                        hash product -> active version
     <prefix>:line:<L>:epoch                           bumped on every change
     <prefix>:line:<L>:changed                         pub/sub channel, message "<epoch-hint> <product>"
+    <prefix>:line:<L>:normal:<product>                normal statistics refined after registration (JSON)
 
 The ``file://`` store keeps ``<root>/line-<L>/state.json`` (active versions and epoch, replaced
-atomically under an exclusive lock) and ``<root>/line-<L>/banks/<product>/<version>.bank``.
+atomically under an exclusive lock), ``<root>/line-<L>/banks/<product>/<version>.bank`` and
+``<root>/line-<L>/normal/<product>.json``.
+
+A product's normal statistics (``inspector.banks.normal``) are measured at registration and kept
+in the bank's metadata, which never changes; what the stream and operator feedback learn later
+is one JSON record per product beside the banks, written whole, with a revision that makes every
+write a compare-and-set. A record whose ``bank_version`` is not the active version is ignored
+(re-registration starts afresh) and is deleted with the next registration or removal.
 """
 
 from __future__ import annotations
@@ -31,11 +39,24 @@ from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import unquote, urlsplit
 
+from .normal import NormalStats, NormalStatsError
 from .record import BankError, BankMeta, check_name
 
 DEFAULT_PREFIX = "inspector"
 DEFAULT_KEEP = 3
 FILE_POLL_S = 0.05  # the file store's change wait re-reads state this often: cheap, and far below any poll interval
+
+
+UNREADABLE_REVISION = -1  # the revision of a damaged statistics record: no compare-and-set matches it
+
+
+def _stored_revision(data: bytes | None) -> int:
+    if data is None:
+        return 0
+    try:
+        return NormalStats.from_json(data).revision
+    except NormalStatsError:
+        return UNREADABLE_REVISION
 
 
 class StoreError(RuntimeError):
@@ -75,6 +96,8 @@ class BankStore(Protocol):
     def versions(self, line: str, product: str) -> list[int]: ...
     def remove(self, line: str, product: str) -> int: ...
     def subscribe(self, line: str) -> Subscription: ...
+    def normal(self, line: str, product: str) -> NormalStats | None: ...
+    def put_normal(self, line: str, stats: NormalStats, expect_revision: int | None, notify: bool) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -165,6 +188,7 @@ class FileStore:
             data["products"][product] = version
             data["epoch"] = int(data["epoch"]) + 1
             self._write_state(line, data)
+            self._normal(line, product).unlink(missing_ok=True)  # a new registration starts afresh
             self._prune(line, product, version)
             return version, int(data["epoch"])
 
@@ -212,10 +236,47 @@ class FileStore:
             del data["products"][product]
             data["epoch"] = int(data["epoch"]) + 1
             self._write_state(line, data)
+            self._normal(line, product).unlink(missing_ok=True)
             for v in self.versions(line, product):
                 for suffix in (".bank", ".meta"):
                     self._bank(line, product, v).with_suffix(suffix).unlink(missing_ok=True)
             return int(data["epoch"])
+
+    def _normal(self, line: str, product: str) -> Path:
+        return self._line(line) / "normal" / f"{check_name('product', product)}.json"
+
+    def normal(self, line: str, product: str) -> NormalStats | None:
+        """The product's refined normal statistics, or None when only the registration's exist."""
+        try:
+            return NormalStats.from_json(self._normal(line, product).read_bytes())
+        except FileNotFoundError:
+            return None
+        except NormalStatsError as err:
+            raise BankError("bad_stats", f"normal statistics of {product!r}: {err}") from err
+
+    def _revision(self, line: str, product: str) -> int:
+        try:
+            current = self.normal(line, product)
+        except BankError:
+            return UNREADABLE_REVISION
+        return current.revision if current else 0
+
+    def put_normal(self, line: str, stats: NormalStats, expect_revision: int | None = None,
+                   notify: bool = False) -> bool:
+        """Write ``stats`` if the stored revision is ``expect_revision`` (None: unconditionally)
+        and ``stats.bank_version`` is active; ``notify`` bumps the epoch so workers reload them."""
+        stats.checked()
+        with self._locked(line):
+            data = self._read_state(line)
+            if data["products"].get(stats.product) != stats.bank_version:
+                return False
+            if expect_revision is not None and self._revision(line, stats.product) != expect_revision:
+                return False
+            _atomic_write(self._normal(line, stats.product), stats.to_json().encode())
+            if notify:
+                data["epoch"] = int(data["epoch"]) + 1
+                self._write_state(line, data)
+            return True
 
     def subscribe(self, line: str) -> "FileSubscription":
         return FileSubscription(self._line(line) / "state.json")
@@ -332,9 +393,10 @@ class RedisStore:
             self.client.zadd(self.key(line, *base, "versions"), {str(version): version})
             pipe = self.client.pipeline(transaction=True)
             pipe.hset(self.key(line, "products"), product, version)
+            pipe.delete(self.key(line, "normal", product))  # a new registration starts afresh
             pipe.incr(self.key(line, "epoch"))
             pipe.publish(self.key(line, "changed"), f"put {product} {version}")
-            _, epoch, _ = pipe.execute()
+            _, _, epoch, _ = pipe.execute()
             self._prune(line, product, version)
         return version, int(epoch)
 
@@ -385,14 +447,52 @@ class RedisStore:
                 raise NotFound(f"no product {product!r} on line {line}")
             pipe = self.client.pipeline(transaction=True)
             pipe.hdel(self.key(line, "products"), product)
+            pipe.delete(self.key(line, "normal", product))
             pipe.incr(self.key(line, "epoch"))
             pipe.publish(self.key(line, "changed"), f"remove {product}")
-            _, epoch, _ = pipe.execute()
+            _, _, epoch, _ = pipe.execute()
             for v in self.versions(line, product):
                 key = self.key(line, "bank", product, v)
                 self.client.delete(key, key + ":meta")
             self.client.delete(self.key(line, "bank", product, "versions"))
         return int(epoch)
+
+    def normal(self, line: str, product: str) -> NormalStats | None:
+        """The product's refined normal statistics, or None when only the registration's exist."""
+        with self._errors():
+            data = self.client.get(self.key(line, "normal", check_name("product", product)))
+        if data is None:
+            return None
+        try:
+            return NormalStats.from_json(data)
+        except NormalStatsError as err:
+            raise BankError("bad_stats", f"normal statistics of {product!r}: {err}") from err
+
+    def put_normal(self, line: str, stats: NormalStats, expect_revision: int | None = None,
+                   notify: bool = False) -> bool:
+        """Compare-and-set ``stats`` (see ``FileStore.put_normal``): WATCH the record and the
+        products hash, check, then one MULTI writes (and with ``notify`` bumps and publishes)."""
+        stats.checked()
+        key = self.key(line, "normal", check_name("product", stats.product))
+        products = self.key(line, "products")
+        with self._errors(), self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key, products)
+                active = pipe.hget(products, stats.product)
+                stored = pipe.get(key)
+                revision = _stored_revision(stored)
+                if active is None or int(active) != stats.bank_version or (
+                        expect_revision is not None and revision != expect_revision):
+                    return False
+                pipe.multi()
+                pipe.set(key, stats.to_json())
+                if notify:
+                    pipe.incr(self.key(line, "epoch"))
+                    pipe.publish(self.key(line, "changed"), f"normal {stats.product}")
+                pipe.execute()
+                return True
+            except self._redis_mod.WatchError:
+                return False
 
     def subscribe(self, line: str) -> "RedisSubscription":
         return RedisSubscription(self, self.key(line, "changed"))

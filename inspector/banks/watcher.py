@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import structlog
 
 from ..model.bank import BankTensors, ProductBank, stack_banks
+from .normal import NormalStats
 from .record import BankError, BankMeta, decode_bank
 from .stores import BankStore, NotFound, StoreError, Subscription
 
@@ -39,7 +40,9 @@ class BankSnapshot:
             products repeat real ones to reach a fixed capacity and are never reported).
         versions: active version per product in service.
         metas: metadata per product in service.
-        tensors: stacked banks for ``forward``, None when no product is registered.
+        tensors: stacked banks for ``forward``, None when no product is registered; their
+            ``stats`` rows are each product's normal statistics in ``normals``.
+        normals: normal statistics per product in service (registration, stream or feedback).
         loaded_at: ``time.monotonic()`` when it was built.
     """
 
@@ -50,6 +53,7 @@ class BankSnapshot:
     tensors: BankTensors | None
     banks: Mapping[str, ProductBank] = field(repr=False, default_factory=dict)
     loaded_at: float = 0.0
+    normals: Mapping[str, NormalStats] = field(repr=False, default_factory=dict)
 
     def index(self, product: str) -> int | None:
         """Row of ``product`` in the stacked tensors, or None when it is not in service."""
@@ -71,12 +75,18 @@ def build_snapshot(
     banks: Mapping[str, tuple[ProductBank, BankMeta]],
     capacity: tuple[int, ...] | None,
     capacity_products: int | None,
+    normals: Mapping[str, NormalStats] | None = None,
 ) -> BankSnapshot:
-    """Stack banks (sorted by name) padded to ``capacity`` vectors and ``capacity_products`` rows."""
+    """Stack banks (sorted by name) padded to ``capacity`` vectors and ``capacity_products`` rows.
+
+    Each product is calibrated by ``normals[product]`` where given, else by its registration
+    statistics (the bank's metadata).
+    """
     names = tuple(sorted(banks))
     if not names:
         return BankSnapshot(epoch, (), {}, {}, None, {}, time.monotonic())
-    rows = [banks[n][0] for n in names]
+    stats = {n: (normals or {}).get(n) or NormalStats.from_meta(banks[n][1]) for n in names}
+    rows = [banks[n][0].with_stats(stats[n].u, stats[n].gamma) for n in names]
     if capacity_products is not None:
         rows = [rows[i % len(rows)] for i in range(capacity_products)]
     tensors = stack_banks(rows, capacity)
@@ -88,6 +98,7 @@ def build_snapshot(
         tensors=tensors,
         banks={n: banks[n][0] for n in names},
         loaded_at=time.monotonic(),
+        normals=stats,
     )
 
 
@@ -165,7 +176,8 @@ class BankWatcher:
                 del banks[product]
         # Forget refusals of versions no longer active, so months of bad uploads cost no memory.
         self._refused = {k: v for k, v in self._refused.items() if state.products.get(k[0]) == k[1]}
-        snap = build_snapshot(state.epoch, banks, self.capacity, self.capacity_products)
+        normals = {p: n for p, (_, meta) in banks.items() if (n := self._normal(p, meta.version)) is not None}
+        snap = build_snapshot(state.epoch, banks, self.capacity, self.capacity_products, normals)
         self.snapshot = snap  # one reference assignment: the engine sees the old or the new
         self._event("bank_swapped", epoch=snap.epoch, products=list(snap.products),
                     seconds=round(time.perf_counter() - t0, 4))
@@ -192,6 +204,15 @@ class BankWatcher:
                         reason=err.reason, detail=err.detail, kept_version=kept)
             return previous
         return bank, meta.with_version(version)
+
+    def _normal(self, product: str, version: int) -> NormalStats | None:
+        """The product's refined statistics for its active version; None keeps the registration's."""
+        try:
+            stats = self.store.normal(self.line, product)
+        except BankError as err:
+            self._event("normal_refused", "error", product=product, reason=err.reason, detail=err.detail)
+            return None
+        return stats if stats is not None and stats.bank_version == version else None
 
     def _check_capacity(self, bank: ProductBank) -> None:
         if self.capacity is None:

@@ -14,6 +14,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CALIBRATION_MODES = ("cada", "bank", "none")
 CONSTRAINTORS = ("conv", "identity")
+SCORINGS = ("distance", "flow")
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,13 @@ class ScoreConfig:
     """Raw map, calibration and verdict settings."""
 
     blur_sigma: float = 4.0
+    # What the raw map is: "distance" is the training-free 1 - cos to the nearest bank vector
+    # (levels 1-3, the flows are not run); "flow" is the fitted flows' -log p. The trainer ships
+    # "flow" only where a held-out source class shows it ranks defects better (issue
+    # "per-product calibration", point 5).
+    scoring: str = "distance"
     top_fraction: float = 0.01  # image score = mean of the top 1% calibrated pixels (CADA)
-    calibration: str = "cada"
+    calibration: str = "bank"
     threshold: float = 1.0
     # Cosine of mean-pooled level-3 prototypes. With ImageNet resnet18 features, different
     # products still reach 0.60-0.89 (ReLU features are all positive) and a product's own frames
@@ -81,6 +87,8 @@ class ScoreConfig:
             raise ValueError(
                 f"calibration must be one of {CALIBRATION_MODES}, got {self.calibration!r}"
             )
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
 
@@ -109,6 +117,9 @@ class ModelConfig:
         flow = data.get("flow")
         if isinstance(flow, dict) and "constraintor" not in flow:
             data = {**data, "flow": {**flow, "constraintor": "conv"}}
+        score = data.get("score")
+        if isinstance(score, dict) and "scoring" not in score:  # cards from before the field served their flows
+            data = {**data, "score": {**score, "scoring": "flow"}}
         return _build(cls, data)
 
 

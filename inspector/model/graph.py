@@ -215,16 +215,19 @@ class InspectionModel(nn.Module):
         if hint is None:
             hint = torch.full((features[0].shape[0],), -1, dtype=torch.long, device=features[0].device)
         product, similarity = self.route(features[-1], bank, hint)
+        flows = self.cfg.score.scoring == "flow"
         anomaly, distance = [], []
         for level, feats in enumerate(features):
             refs = bank.features[level][product]  # (B, N, C)
             res, sim = self.residual(level, feats, refs)
-            anomaly.append(-self.level_logp(level, res))
+            if flows:
+                anomaly.append(-self.level_logp(level, res))
             distance.append(1.0 - sim)
         stats = bank.stats[product]  # (B, 2)
+        nn_map = self.fuse(distance)
         return Analysis(
-            raw_map=self.fuse(anomaly),
-            nn_map=self.fuse(distance),
+            raw_map=self.fuse(anomaly) if flows else nn_map,  # "distance" scoring runs no flow
+            nn_map=nn_map,
             product=product,
             route_similarity=similarity,
             cada=self.cada(features[-1]),
@@ -232,25 +235,32 @@ class InspectionModel(nn.Module):
         )
 
     @torch.no_grad()
-    def bank_statistics(self, shot_features: Sequence[torch.Tensor]) -> tuple[float, float]:
-        """Bank-mode normal statistics: each shot scored against the other k-1 shots.
+    def raw_scores(self, features: Sequence[torch.Tensor], bank: BankTensors, hint: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` uncalibrated image scores (top-fraction mean of the raw map) against given banks.
+
+        The same graph and arithmetic the worker serves, before calibration: calibrating the map
+        by ``(raw - u) / (gamma - u)`` calibrates this score the same way, since the score is an
+        order statistic of the map.
+        """
+        raw = self.analyse(features, bank, hint).raw_map
+        return top_fraction_mean(raw, self.cfg.score.top_fraction)
+
+    @torch.no_grad()
+    def leave_one_out_scores(self, shot_features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(k,)`` raw scores of each of k >= 2 shots against a bank of the other k-1.
 
         Args:
-            shot_features: per level ``(k, C, H, W)`` backbone features of the k >= 2 shots.
-
-        Returns:
-            ``(u, gamma)``: mean over shots of each shot's raw-map mean and max.
+            shot_features: per level ``(k, C, H, W)`` backbone features of the shots.
         """
         k = shot_features[0].shape[0]
         if k < 2:
-            raise ValueError("bank statistics need at least 2 shots")
+            raise ValueError("leave-one-out scores need at least 2 shots")
         banks = []
         for i in range(k):
             others = [j for j in range(k) if j != i]
             banks.append(build_bank([f[others] for f in shot_features], self.cfg.bank.coreset))
         hint = torch.arange(k, device=shot_features[0].device)
-        raw = self.analyse(shot_features, stack_banks(banks), hint).raw_map.flatten(1)
-        return float(raw.mean(1).mean()), float(raw.amax(1).mean())
+        return self.raw_scores(shot_features, stack_banks(banks), hint)
 
     def inspect(self, analysis: Analysis, calibration: str | None = None) -> Inspection:
         """Calibrate an analysis in mode ``cada``, ``bank`` or ``none`` (default: the config's)."""

@@ -1,0 +1,144 @@
+"""Which normal statistic puts products on one scale: the normalisations compared on real data.
+
+Training-free (the served distance map), all five industrial classes treated as unseen. Per class
+and draw: k random good shots form the bank; up to ``--max-images`` further good images are scored
+against it (the product's cross-scored normal sample); a test sample is scored against it. For
+each normalisation (``inspector.banks.normal.METHODS``) and number N of good images, each class's
+scores are put on the common scale with ``scale_of`` and the script reports:
+
+* per-class: mean over classes of each class's image AUROC (no normalisation changes it);
+* mixed: image AUROC of all classes' test images pooled under one threshold; gap = mixed - per-class;
+* LOCO FRR: a threshold at ``--frr`` false rejects on the *other* classes' normal samples (on the
+  common scale), applied to this class's good test images (does a line threshold hold for a
+  product that had no say in it?);
+* the same with ``--defect-rate`` of the class's defective test images mixed into its normal
+  sample (a stream's statistics see a few defects).
+
+N = k means leave-one-out scores of the shots. Writes ``benchmarks/results/calibration.json``
+and ``.md``::
+
+    python benchmarks/calibration.py            # about 10 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import commit, inputs_present, machine  # noqa: E402
+
+from inspector.banks.normal import METHODS, calibrated, scale_of  # noqa: E402
+from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights  # noqa: E402
+from trainer import metrics  # noqa: E402
+from trainer.data import ImageCache, list_samples  # noqa: E402
+from trainer.features import extract_features  # noqa: E402
+from trainer.line_eval import raw_scores_against  # noqa: E402
+
+CLASSES = ("ball_screw", "commutator", "magnetic_tile", "pcb", "solar_cell")
+
+
+def class_scores(model: InspectionModel, root: str, cls: str, args: argparse.Namespace,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Raw scores of one class: leave-one-out shots, the normal sample and the test sample."""
+    k = model.cfg.bank.shots
+    pool = list_samples(root, cls, "train")
+    picked = rng.choice(len(pool), size=min(len(pool), k + args.max_images), replace=False)
+    train = ImageCache.load([pool[i] for i in picked], model.input_size)
+    feats = [f.float() for f in extract_features(model, train.images, progress=False)]
+    shots = [f[:k] for f in feats]
+    bank = build_bank(shots, model.cfg.bank.coreset)
+    tests = list_samples(root, cls, "test")
+    keep = rng.choice(len(tests), size=min(len(tests), args.test_per_class), replace=False)
+    test = ImageCache.load([tests[i] for i in sorted(keep)], model.input_size)
+    test_feats = extract_features(model, test.images, progress=False)
+    return {
+        "loo": model.leave_one_out_scores(shots).numpy(),
+        "normal": raw_scores_against(model, [f[k:] for f in feats], bank),
+        "test": raw_scores_against(model, test_feats, bank),
+        "labels": test.labels,
+    }
+
+
+def evaluate(scores: dict[str, dict[str, np.ndarray]], method: str | None, n: int | str,
+             frr: float, defect_rate: float, rng: np.random.Generator) -> dict[str, float]:
+    """Per-class and mixed AUROC and LOCO FRR for one normalisation and normal-sample size."""
+    calibrated_test, calibrated_normal, labels, aurocs = [], [], [], []
+    for s in scores.values():
+        normal = s["loo"] if n == "loo" else s["normal"][:n]
+        if defect_rate:
+            defects = s["test"][s["labels"] == 1]
+            normal = np.concatenate([normal, rng.choice(defects, size=int(round(len(normal) * defect_rate)))])
+        u, gamma = scale_of(normal, method) if method else (0.0, 1.0)
+        calibrated_test.append(calibrated(s["test"], u, gamma))
+        calibrated_normal.append(calibrated(normal, u, gamma))
+        labels.append(s["labels"])
+        aurocs.append(metrics.roc_auc(s["labels"], s["test"]))
+    loco = []
+    for i in range(len(scores)):
+        others = np.concatenate([c for j, c in enumerate(calibrated_normal) if j != i])
+        t = metrics.threshold_at_false_reject_rate(others, frr)
+        loco.append(float((calibrated_test[i][labels[i] == 0] > t).mean()))
+    mixed = metrics.roc_auc(np.concatenate(labels), np.concatenate(calibrated_test))
+    return {"per_class": float(np.mean(aurocs)), "mixed": mixed, "gap": mixed - float(np.mean(aurocs)),
+            "loco_frr": float(np.mean(loco)), "loco_frr_max": float(np.max(loco))}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/industrial")
+    p.add_argument("--weights", default="../shared/weights/resnet18-imagenet1k-l1-l3.safetensors")
+    p.add_argument("--out", default="benchmarks/results/calibration")
+    p.add_argument("--draws", type=int, default=2)
+    p.add_argument("--max-images", type=int, default=100)
+    p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--sizes", default="16,30,50,100")
+    p.add_argument("--frr", type=float, default=0.01)
+    p.add_argument("--defect-rate", type=float, default=0.05)
+    args = p.parse_args()
+    if not inputs_present(args.data, args.weights):
+        return 2
+    model = InspectionModel(ModelConfig()).eval()
+    load_backbone_weights(model.backbone, args.weights)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    rows: dict[str, list[dict[str, float]]] = {}
+    t0 = time.perf_counter()
+    for d in range(args.draws):
+        rng = np.random.default_rng(d)
+        scores = {}
+        for c in CLASSES:
+            scores[c] = class_scores(model, args.data, c, args, rng)
+            print(f"[calibration] draw {d}: scored {c} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+        variants = [("none", None, "loo", 0.0)] + [(f"{m} (k={model.cfg.bank.shots} leave-one-out)", m, "loo", 0.0) for m in METHODS]
+        variants += [(f"{m} ({n})", m, n, 0.0) for n in sizes for m in METHODS]
+        variants += [(f"{m} ({sizes[-1]}, +{args.defect_rate:.0%} defects)", m, sizes[-1], args.defect_rate) for m in METHODS]
+        for name, method, n, rate in variants:
+            rows.setdefault(name, []).append(evaluate(scores, method, n, args.frr, rate, np.random.default_rng(d)))
+    table = {name: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for name, rs in rows.items()}
+    result = {"commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "settings": {k: v for k, v in vars(args).items()}, "classes": CLASSES, "table": table,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Normal statistics compared (training-free distance, {len(CLASSES)} classes, "
+             f"{args.draws} draws, {args.test_per_class} test images per class, LOCO FRR target {args.frr:.0%})",
+             "", f"commit {result['commit']}, {result['machine']['cpu']}, {result['date']}", "",
+             "| normalisation (N good images) | per-class | mixed | gap (pts) | LOCO FRR mean | LOCO FRR worst class |",
+             "|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        lines.append(f"| {name} | {r['per_class']:.3f} | {r['mixed']:.3f} | {100 * r['gap']:+.1f} | "
+                     f"{100 * r['loco_frr']:.1f}% | {100 * r['loco_frr_max']:.1f}% |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
