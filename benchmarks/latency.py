@@ -33,18 +33,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import commit, machine  # noqa: E402
 
-from inspector.artifact import load_artifact, save_artifact  # noqa: E402
+from inspector.artifact import load_artifact  # noqa: E402
 from inspector.banks import BankWatcher, encode_bank, open_store  # noqa: E402
 from inspector.banks.register import read_shots, register_product  # noqa: E402
 from inspector.decode import encode_jpeg  # noqa: E402
 from inspector.engine import Engine, EngineSettings  # noqa: E402
-from inspector.model import InspectionModel, ModelConfig, load_backbone_weights  # noqa: E402
+from inspector.testkit import default_artifact, free_port, wait_for_worker  # noqa: E402
 from inspector.wire import FrameHeader, Result, encode_frame  # noqa: E402
 from trainer.synthetic import generate_dataset  # noqa: E402
 
@@ -56,24 +55,12 @@ DRAIN_S = 30.0  # after the last send, wait this long at most for the remaining 
 READY_TIMEOUT_S = 300.0  # model load and warm-up on a slow machine
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare(workdir: Path, artifact: str | None, device: str) -> tuple[Path, Path, list[bytes]]:
     """An artifact, a file bank store with two products, and JPEG frames of both."""
     data = generate_dataset(workdir / "data", classes=PRODUCTS, n_train=8, n_test_good=8, n_test_defect=8,
                             size=256, seed=0)
     if artifact is None:
-        torch.manual_seed(0)
-        model = InspectionModel(ModelConfig()).eval()
-        sha = load_backbone_weights(model.backbone, WEIGHTS) if WEIGHTS.is_file() else None
-        save_artifact(model, workdir / "model", sha)
-        artifact = str(workdir / "model")
+        artifact = str(default_artifact(workdir / "model", weights=WEIGHTS))
     model, card = load_artifact(artifact)
     store = open_store(f"file://{workdir / 'banks'}")
     for p in PRODUCTS:
@@ -115,17 +102,6 @@ def start_worker(artifact: Path, banks: Path, args, ingest: str, publish: str) -
            "--queue-size", str(args.queue_size), "--log-level", "warning"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(cmd, env=env)
-
-
-def wait_ready(push, sub) -> None:
-    end = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < end:
-        push.send_multipart([b"probe"])  # one-part message -> an error result once the worker serves
-        if sub.poll(500):
-            while sub.poll(500):
-                sub.recv_multipart()
-            return
-    raise RuntimeError("worker did not answer within the start-up timeout")
 
 
 def one_run(push, sub, frames: list[bytes], rate: float, seconds: float, poisson: bool, tag: str) -> dict:
@@ -209,7 +185,7 @@ def main(argv=None) -> int:
     push.connect(ingest)
     runs = []
     try:
-        wait_ready(push, sub)
+        wait_for_worker(push, sub, READY_TIMEOUT_S)
         plan = [(float(f), poisson) for f in args.loads.split(",") for poisson in (False, True)]
         plan.append((OVERLOAD, False))
         for k, (fraction, poisson) in enumerate(plan):

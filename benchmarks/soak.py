@@ -33,12 +33,10 @@ minutes says so in the file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,18 +47,17 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import machine  # noqa: E402
-from latency import engine_throughput, free_port  # noqa: E402
+from latency import engine_throughput  # noqa: E402
 
-from inspector.artifact import load_artifact, save_artifact  # noqa: E402
+from inspector.artifact import load_artifact  # noqa: E402
+from inspector.testkit import RedisServer, default_artifact, free_port, wait_for_worker  # noqa: E402
 from inspector.banks import encode_bank, open_store  # noqa: E402
 from inspector.banks.register import read_shots, register_product  # noqa: E402
 from inspector.camera import CameraConfig, FrameSource, publish_frames  # noqa: E402
-from inspector.model import InspectionModel, ModelConfig, load_backbone_weights  # noqa: E402
 from inspector.reconcile import read_result_records, read_result_stream, read_sent, reconcile, stream_key  # noqa: E402
 from inspector.wire import Result  # noqa: E402
 from trainer.synthetic import generate_dataset  # noqa: E402
@@ -82,9 +79,7 @@ P99_DRIFT_BAR = 1.5  # wider: a bank add shares the cores for a few seconds of e
 READY_TIMEOUT_S = 300.0  # model load and warm-up of a 256 px model on a slow machine
 DRAIN_S = 60.0  # after the last frame, wait this long at most for the remaining results
 STOP_TIMEOUT_S = 120.0  # SIGTERM drains the queue: at most a few batches at 70% load
-REDIS_START_TIMEOUT_S = 10.0
 RECV_POLL_MS = 100  # bounds how late the receiver notices the end of the run
-PROBE_EVERY_MS = 500  # readiness probes (one-part messages answered with an error result)
 ENGINE_REPEATS = 7
 DEADLINE_MS = 60_000  # frames never time out in the soak: latency is measured, not clipped
 PERCENTILES = (50, 99)
@@ -114,51 +109,11 @@ def head_commit() -> str:
     return "unknown"
 
 
-class Redis:
-    """A redis-server of our own, stopped and started on the same port (append-only persistence)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "yes",
-             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + REDIS_START_TIMEOUT_S
-        while time.monotonic() < end:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(REDIS_START_TIMEOUT_S)
-            self.proc = None
-
-
 def prepare(work: Path, size: int, redis_url: str) -> tuple[Path, Path]:
     """A model artifact and two products registered in Redis; returns (artifact, data root)."""
     data = generate_dataset(work / "data", classes=PRODUCTS, n_train=8, n_test_good=8, n_test_defect=8,
                             size=size, seed=0)
-    cfg = ModelConfig()
-    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=size))
-    torch.manual_seed(0)
-    model = InspectionModel(cfg).eval()
-    sha = load_backbone_weights(model.backbone, WEIGHTS) if WEIGHTS.is_file() else None
-    save_artifact(model, work / "model", sha)
-    model, card = load_artifact(work / "model")
+    model, card = load_artifact(default_artifact(work / "model", size, WEIGHTS))
     store = open_store(redis_url)
     for p in PRODUCTS:
         images = read_shots([data / p / "train" / "good"], model.input_size)
@@ -186,14 +141,8 @@ def wait_ready(proc: subprocess.Popen, ingest: str, publish: str, log: Path) -> 
     push = ctx.socket(zmq.PUSH)
     push.connect(ingest)
     try:
-        end = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the worker exited during start-up:\n{log.read_text()[-3000:]}")
-            push.send_multipart([b"probe"])
-            if sub.poll(PROBE_EVERY_MS):
-                return
-        raise RuntimeError("the worker did not answer within the start-up timeout")
+        wait_for_worker(push, sub, READY_TIMEOUT_S, alive=lambda: proc.poll() is None,
+                        why_dead=lambda: log.read_text()[-3000:])
     finally:
         push.close(0)
         sub.close(0)
@@ -275,7 +224,7 @@ class Monitor(threading.Thread):
             self.stop.wait(self.every_s)
 
 
-def line_operator(args, redis: Redis, artifact: Path, data: Path, t0: float, stop: threading.Event,
+def line_operator(args, redis: RedisServer, artifact: Path, data: Path, t0: float, stop: threading.Event,
              events: list[dict]) -> None:
     """Bank changes every ``--bank-every-s`` (alternating products) and one Redis restart."""
     duration = args.minutes * S_PER_MIN
@@ -357,7 +306,7 @@ def judge(args, samples: list[dict], minutes: list[dict], accounting: dict) -> d
 def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     (work / "redis").mkdir()
-    redis = Redis(work / "redis")
+    redis = RedisServer(work / "redis", fsync_always=False)
     redis.start()
     proc = None
     try:

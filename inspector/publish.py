@@ -157,7 +157,8 @@ class StreamWriter:
         self.status = status
         self.lost = 0
         self.written = 0
-        self._buf: deque[bytes] = deque()
+        self._buf: deque[bytes] = deque()  # queued, oldest first; eviction only ever takes from here
+        self._sending: list[bytes] = []  # the chunk being sent: owned by the writer thread
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = True
@@ -174,26 +175,44 @@ class StreamWriter:
         self._beat_due = True
 
     def append(self, result: Result) -> None:
+        """Queue one result; with the buffer full the oldest queued one is lost (counted once).
+
+        Only queued results are ever evicted: a chunk the writer is sending is its own (taken out
+        of the buffer under the lock), so a result is either written or counted lost, never both.
+        """
         data = result.to_json()
         with self._lock:
-            if len(self._buf) >= self.capacity:
-                if self._buf:
-                    self._buf.popleft()
-                else:
-                    data = None  # buffer of 0: nothing is held while Redis is away
-                self.lost += 1
-                self.metrics.stream_lost(1)
-            if data is not None:
-                self._buf.append(data)
-            self.metrics.set_stream_buffered(len(self._buf))
+            self._buf.append(data)
+            self._evict_over_capacity()
+
+    def _evict_over_capacity(self) -> None:
+        """Drop the oldest queued results beyond capacity, counting each as lost (lock held)."""
+        over = len(self._buf) - self.capacity
+        for _ in range(max(over, 0)):
+            self._buf.popleft()
+        if over > 0:
+            self.lost += over
+            self.metrics.stream_lost(over)
+        self.metrics.set_stream_buffered(len(self._buf) + len(self._sending))
+
+    def _requeue(self) -> None:
+        """A send failed: its chunk goes back in front of the queue, in order, and the capacity
+        bound applies again (the oldest results are the ones lost). A chunk that was partly
+        written before the connection broke is sent again whole: at-least-once, never lost silently.
+        """
+        with self._lock:
+            self._buf.extendleft(reversed(self._sending))
+            self._sending = []
+            self._evict_over_capacity()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Flush what can be flushed within ``timeout``; what remains is counted as lost."""
         self._stop.set()
         self._thread.join(timeout)
         with self._lock:
-            left = len(self._buf)
+            left = len(self._buf) + len(self._sending)
             self._buf.clear()
+            self._sending = []
         if left:
             self.lost += left
             self.metrics.stream_lost(left)
@@ -205,8 +224,9 @@ class StreamWriter:
         backoff = STREAM_IDLE_S
         next_beat = 0.0
         while True:
-            with self._lock:
-                chunk = [self._buf[i] for i in range(min(STREAM_BATCH, len(self._buf)))]
+            with self._lock:  # the writer owns the chunk from here: append can no longer evict it
+                self._sending = [self._buf.popleft() for _ in range(min(STREAM_BATCH, len(self._buf)))]
+                chunk = self._sending
             if not chunk and self._stop.is_set():
                 break
             try:
@@ -220,11 +240,9 @@ class StreamWriter:
                         pipe.xadd(self.stream_key, {"result": data}, maxlen=self.maxlen, approximate=True)
                     pipe.execute()
                     with self._lock:
-                        for _ in chunk:
-                            if self._buf:
-                                self._buf.popleft()
+                        self._sending = []
+                        self.written += len(chunk)
                         self.metrics.set_stream_buffered(len(self._buf))
-                    self.written += len(chunk)
                 if not self._connected:
                     self._connected = True
                     self._log.info("stream_reconnected")
@@ -232,6 +250,7 @@ class StreamWriter:
                 if not chunk:
                     self._stop.wait(STREAM_IDLE_S)
             except (redis.RedisError, OSError) as err:
+                self._requeue()
                 if self._connected:
                     self._log.warning("stream_unavailable", error=str(err))
                 self._connected = False

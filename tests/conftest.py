@@ -52,61 +52,26 @@ def require_real(path: Path) -> Path:
 
 
 # -- Redis: a real server, never a mock ------------------------------------------------------------
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 
-REDIS_START_TIMEOUT_S = 10.0  # redis-server starts in milliseconds; this only bounds a broken install
+from inspector.testkit import RedisServer as _RedisServer
+from inspector.testkit import free_port  # noqa: F401  (tests import it from here)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway ``redis-server`` the test owns: it can be stopped and started on the same port.
-
-    Append-only persistence in its own directory keeps the data across a restart, as a production
-    Redis with persistence would.
-    """
+class RedisServer(_RedisServer):
+    """``inspector.testkit.RedisServer`` that fails the test, saying why, when Redis cannot start."""
 
     def __init__(self, directory: Path) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.fail("redis-server is not on PATH: install Redis (the tests need a real server)")
-        self.dir = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        try:
+            super().__init__(directory)
+        except RuntimeError as err:
+            pytest.fail(str(err))
 
     def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        end = time.monotonic() + REDIS_START_TIMEOUT_S
-        while time.monotonic() < end:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        pytest.fail(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=REDIS_START_TIMEOUT_S)
-            self.proc = None
+        try:
+            return super().start()
+        except RuntimeError as err:
+            pytest.fail(str(err))
 
 
 @pytest.fixture

@@ -305,25 +305,44 @@ def test_bank_over_capacity_is_refused(store, registered, model) -> None:
 
 
 # -- Redis failures --------------------------------------------------------------------------------
+class EventLog:
+    """A watcher's ``on_event`` that tests can wait on: events in order, no polling by time."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: str, **_: object) -> None:
+        with self._cond:
+            self.names.append(event)
+            self._cond.notify_all()
+
+    def wait(self, event: str, after: int = 0, timeout: float = 15.0) -> int:
+        """Index of the first ``event`` at or after ``after``; fails after ``timeout`` (a bound on
+        a broken watcher, never what the test decides by)."""
+        with self._cond:
+            found = self._cond.wait_for(lambda: event in self.names[after:], timeout)
+            assert found, f"no {event!r} after event {after}: {self.names}"
+            return self.names.index(event, after)
+
+
 def test_watcher_survives_a_redis_restart_and_catches_up(redis_server: RedisServer, registered, model) -> None:
     store = open_store(redis_server.url)
     store.put("3", registered["valve-a"][0], registered["valve-a"][1].meta)
-    events: list[str] = []
-    w = BankWatcher(store, "3", SIGNATURE, model.channels, poll_interval=POLL_S,
-                    on_event=lambda e, **kv: events.append(e)).start()
+    events = EventLog()
+    w = BankWatcher(store, "3", SIGNATURE, model.channels, poll_interval=POLL_S, on_event=events).start()
     try:
         redis_server.stop()
-        deadline = time.monotonic() + 5 * POLL_S
-        while "bank_store_unavailable" not in events and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "bank_store_unavailable" in events
+        down = events.wait("bank_store_unavailable")
         assert w.snapshot.products == ("valve-a",)  # still serving the last good banks
         redis_server.start()
         writer = open_store(redis_server.url)
         writer.put("3", registered["valve-b"][0], registered["valve-b"][1].meta)  # while it was away
+        back = events.wait("bank_store_reconnected", after=down)
+        swapped = events.wait("bank_swapped", after=down)
+        assert back < swapped, f"the reconnection is reported before the swap it enables: {events.names}"
         snap = w.wait_for(lambda s: s.products == ("valve-a", "valve-b"), timeout=15.0)
-        assert snap is not None, f"events: {events}"
-        assert "bank_store_reconnected" in events
+        assert snap is not None, f"events: {events.names}"
     finally:
         w.stop()
 

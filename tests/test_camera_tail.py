@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from inspector.camera import (
 from inspector.cli_stream import STREAM_COMMANDS, add_stream_parsers
 from inspector.decode import decode_image, encode_heatmap
 from inspector.tail import NO_PRODUCT, ResultStats, collect_results, subscription, summarize
+from inspector.testkit import free_port
 from inspector.wire import HeatmapInfo, Latency, Result, WireError, parse_frame
 
 LOOPBACK = "tcp://127.0.0.1"
@@ -240,12 +240,6 @@ def test_a_late_sender_catches_up_at_most_one_frame():
     assert paced_times(0.15, 5) == [0.0, 0.15, 0.2, 0.3, 0.4]
     # The duration ends before the frame due at 0.3 s.
     assert paced_times(0.0, 10, stop_at=0.25) == [0.0, 0.1, 0.2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("block", [False, True])

@@ -255,10 +255,10 @@ class BankWatcher:
                 sub.wait(self.poll_interval)
                 if self._stop.is_set():
                     break
-                self.refresh()
-                if not self.connected:
+                if not self.connected:  # reported before the swap the reconnection enables
                     self.connected = True
                     self._event("bank_store_reconnected")
+                self.refresh()
                 backoff = BACKOFF_FIRST_S
             except StoreError as err:
                 if self.connected:
