@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from inspector.artifact import load_artifact
+from inspector.banks.normal import DEFAULT_METHOD
 from inspector.cli import format_summary
 from inspector.model import ModelConfig
 from inspector.model.config import CALIBRATION_MODES, CONSTRAINTORS, SCORINGS
@@ -110,18 +111,18 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
     (out / "card.json").write_text(card.to_json())
     summary = {"split": name, "source": source, "target": target, "fit_seconds": round(fit_seconds, 1),
                "eval_seconds": round(time.perf_counter() - t1, 1), "table": format_summary(report),
-               "bar": bar_keys(report, model.cfg.score.calibration)}
+               "bar": bar_keys(report, model.cfg.score.calibration, model.cfg.score.scoring)}
     print(f"== split {name}: fit on {source}, evaluate on {target}\n{summary['table']}", flush=True)
     return summary
 
 
-def bar_keys(report: dict, mode: str) -> dict[str, object]:
+def bar_keys(report: dict, mode: str, scoring: str) -> dict[str, object]:
     """The split's numbers under the keys a script checks (issue "per-product calibration")."""
     s, line = report["summary"], report["line"]
     classes = report["target_classes"]
     out: dict[str, object] = {
         "targets": classes, "registration_images": line["registration_images"], "draws": line["draws"],
-        "shipped_mode": mode, "threshold": line["threshold"],
+        "scoring": scoring, "calibration": mode, "normalisation": DEFAULT_METHOD, "threshold": line["threshold"],
         "per_class_auroc": s[mode]["class_separated_mean"]["image_auroc"]["mean"],
         "mixed_auroc": s[mode]["mixed"]["image_auroc"]["mean"],
         "distance_per_class_auroc": s["baseline"]["class_separated_mean"]["image_auroc"]["mean"],

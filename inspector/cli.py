@@ -244,16 +244,18 @@ def format_line(line: dict | None) -> list[str]:
         return []
     out = ["", f"at the shipped threshold ({line['mode']} {line['threshold']:.3f}, set for FRR {line['frr_target']:.0%}; "
                f"registered from {line['registration_images']} good images):",
-           f"{'class':<16}{'FRR':>7}{'escape':>8}{'oracle esc':>11}{'LOCO FRR':>10}"
+           f"{'class':<16}{'FRR':>7}{'escape':>8}{'own@FRR':>9}{'own@target':>11}{'LOCO FRR':>10}"
            + (f"{'stream FRR':>12}{'stream esc':>12}" if "stream" in line else "")]
     for c, r in line["classes"].items():
-        row = f"{c:<16}{r['frr']:>7.3f}{r['escape']:>8.3f}{r['oracle_escape']:>11.3f}{r.get('loco_frr', float('nan')):>10.3f}"
+        row = (f"{c:<16}{r['frr']:>7.3f}{r['escape']:>8.3f}{r['oracle_escape']:>9.3f}"
+               f"{r.get('target_oracle_escape', float('nan')):>11.3f}{r.get('loco_frr', float('nan')):>10.3f}")
         if "stream" in line:
             st = line["stream"]["classes"][c]
             row += f"{st['frr']:>12.3f}{st['escape']:>12.3f}"
         out.append(row)
     if "stream" in line:
         st = line["stream"]
+        out.append("own@FRR, own@target: escape of the class's own threshold at the same FRR and at the target FRR")
         out.append(f"stream: {st['frames']} frames per class ({st['defect_rate']:.0%} defects) starting from "
                    f"{st['start_images']} good images; rates on the test set after it")
     return out

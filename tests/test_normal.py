@@ -18,6 +18,7 @@ from inspector.banks.normal import (
     MIN_SPREAD_FRACTION,
     RELIABLE_COUNT,
     Z_HIGH,
+    DEFAULT_METHOD,
     NormalStats,
     NormalStatsError,
     StreamCalibrator,
@@ -48,11 +49,22 @@ def test_robust_scale_puts_the_median_at_0_and_the_99th_percentile_near_1() -> N
     assert raw_from_calibrated(calibrated(7.0, u, gamma), u, gamma) == pytest.approx(7.0, rel=1e-12)
 
 
-def test_default_scale_is_mean_and_2_326_standard_deviations() -> None:
+def test_zscore_scale_is_mean_and_2_326_standard_deviations() -> None:
     scores = np.random.default_rng(1).normal(3.0, 0.2, 20000)
-    u, gamma = scale_of(scores)
+    u, gamma = scale_of(scores, "zscore")
     assert u == pytest.approx(scores.mean()) and gamma - u == pytest.approx(Z_HIGH * scores.std(ddof=1))
     assert calibrated(np.quantile(scores, 0.99), u, gamma) == pytest.approx(1.0, abs=0.03)  # sampling error ~0.02
+
+
+def test_default_scale_is_median_and_95th_percentile() -> None:
+    scores = np.random.default_rng(1).gamma(2.0, 0.1, 501)  # skewed, as image scores are
+    u, gamma = scale_of(scores)
+    assert DEFAULT_METHOD == "quantile"
+    assert u == pytest.approx(np.median(scores), rel=1e-12)
+    assert gamma == pytest.approx(np.quantile(scores, 0.95), rel=1e-12)
+    # 5% of the sample lies above 1.0 (501 scores: numpy's linear interpolation puts the 95th
+    # percentile on the 476th smallest, so exactly 25 are above it)
+    assert int((calibrated(scores, u, gamma) > 1.0 + 1e-12).sum()) == 25
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -100,9 +112,13 @@ def test_feedback_adds_confirmed_good_scores_and_measures_again() -> None:
 
 # -- the stream update ---------------------------------------------------------------------------------
 CFG = StreamConfig(window=100, min_count=40, refresh_every=20, max_step=0.5, freeze_jump=0.2)
+# A line threshold where the trainer puts one on the default scale: 1.0 is a product's 95th
+# percentile, and a 1% false-reject rate of normally distributed scores lies at
+# (q99 - median) / (q95 - median) = 2.326 / 1.645 = 1.41 on it.
+LINE_THRESHOLD = 1.41
 
 
-def feed(calib: StreamCalibrator, product: str, raws, threshold: float = 1.0) -> list[NormalStats]:
+def feed(calib: StreamCalibrator, product: str, raws, threshold: float = LINE_THRESHOLD) -> list[NormalStats]:
     changes = []
     for raw in raws:
         s = calib.current(product)
@@ -131,7 +147,7 @@ def test_stream_loosens_a_product_whose_good_parts_are_rejected() -> None:
         assert abs(after.u - before.u) <= CFG.max_step * spread + 1e-12
         assert spread / (1 + CFG.max_step) - 1e-12 <= after.gamma - after.u <= spread * (1 + CFG.max_step) + 1e-12
     final = calib.current("valve-a")
-    rejected = np.mean(calibrated(good[-100:], final.u, final.gamma) > 1.0)
+    rejected = np.mean(calibrated(good[-100:], final.u, final.gamma) > LINE_THRESHOLD)
     assert final.source == "stream" and rejected < 0.05  # a few percent: the sample's own tail
 
 

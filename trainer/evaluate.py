@@ -324,7 +324,7 @@ def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray]
 def summarise_line(lines: Sequence[dict[str, Any]], classes: Sequence[str], mode: str, threshold: float,
                    frr_target: float, cfg: EvalConfig) -> dict[str, Any]:
     """Means over draws of the line rates and the stream results; the first draw's traces."""
-    keys = ("frr", "escape", "oracle_escape", "loco_frr")
+    keys = ("frr", "escape", "oracle_escape", "target_oracle_escape", "loco_frr")
     per_class = {c: {k: _mean_std([d["classes"][c][k] for d in lines])["mean"]
                      for k in keys if all(k in d["classes"][c] for d in lines)} for c in classes}
     out = {"mode": mode, "threshold": threshold, "frr_target": frr_target,
