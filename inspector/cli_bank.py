@@ -132,8 +132,8 @@ def _add(args, cfg, store) -> int:
     say = lambda msg: print(f"[bank] {msg}", file=sys.stderr)  # noqa: E731
     reg = register_product(model, card.signature, card.model_id, args.product, images, shots, coreset,
                            args.seed, progress=say)
-    if len(images) > len(reg.chosen):
-        say(f"picked the {len(reg.chosen)} most diverse of {len(images)} images: {', '.join(reg.chosen)}")
+    if reg.meta.candidates > len(reg.chosen):
+        say(f"picked the {len(reg.chosen)} most diverse of {reg.meta.candidates} images: {', '.join(reg.chosen)}")
     version, epoch = store.put(args.line, encode_bank(reg.bank, reg.meta), reg.meta)
     normal = reg.meta.normal
     print(f"registered {args.product} version {version} on line {args.line} (epoch {epoch}) in "

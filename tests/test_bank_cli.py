@@ -127,3 +127,41 @@ def test_import_refuses_a_bank_for_another_model(capsys, artifact, good_images, 
     code, _, err = run(capsys, "bank", "import", "--line", "2", "--store", store, str(tmp_path / "p.bank"),
                        "--artifact", str(other))
     assert code == 2 and "wrong_backbone" in err
+
+
+def test_registration_inputs_are_checked_and_nothing_is_written(capsys, artifact, good_images, store_url,
+                                                                tmp_path) -> None:
+    """Fewer distinct images than shots, an empty folder: a clear error and no product; copies of
+    one image count once and are named; identical parts get a floored spread and a warning."""
+    base = ("--line", "3", "--store", store_url)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "x", "--artifact", str(artifact), str(empty))
+    assert code == 2 and "no images found" in err
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    original = (good_images / "good_1.png").read_bytes()
+    for i in range(3):
+        (copies / f"copy_{i}.png").write_bytes(original)
+    (copies / "other.png").write_bytes((good_images / "good_3.png").read_bytes())
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "x", "--artifact", str(artifact),
+                       "--shots", "3", str(copies))
+    assert code == 2 and "2 distinct good images for a bank of 3 shots (2 duplicates left out)" in err
+    code, _, err = run(capsys, "bank", "show", *base, "--product", "x")
+    assert code == 3  # nothing was written
+    code, out, err = run(capsys, "bank", "add", *base, "--product", "dup", "--artifact", str(artifact),
+                         "--shots", "2", *(str(p) for p in sorted(good_images.glob("good_*"))), *(str(p) for p in sorted(copies.glob("copy_*"))))
+    assert code == 0, err
+    assert "3 duplicate images (same content) counted once: copy_0.png = good_1.png" in err
+    shown = json.loads(run(capsys, "bank", "show", *base, "--product", "dup", "--json")[1])
+    assert shown["candidates"] == 6  # good_0..good_5, each once
+    same = tmp_path / "same"
+    same.mkdir()
+    pixels = np.full((80, 96, 3), 128, np.uint8)
+    for i in range(5):  # five different files (a changing corner pixel) of the same blank part
+        img = pixels.copy()
+        img[0, 0, 0] = i
+        Image.fromarray(img).save(same / f"same_{i}.png")
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "blank", "--artifact", str(artifact),
+                       "--shots", "2", str(same))
+    assert code == 0 and "scored almost identically" in err, err

@@ -153,7 +153,7 @@ def test_served_score_equals_the_evaluation_score(setup) -> None:
     raw = raw_scores_against(model, extract(model, queries), reg.bank)
     expected = calibrated(raw, reg.normal.u, reg.normal.gamma)
     meta = dataclasses.replace(register_product(model, card.signature, card.model_id, "valve-a",
-                                                [ShotImage(str(i), "0" * 64, im) for i, im in enumerate(good[:12])],
+                                                [ShotImage(str(i), f"{i:064d}", im) for i, im in enumerate(good[:12])],
                                                 shots=4).meta, version=1)
     engine = Engine(card_model, card, EngineSettings(device="cpu"))
     snap = build_snapshot(1, {"valve-a": (reg.bank, meta)}, bank_capacity(model), 2)

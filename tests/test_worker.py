@@ -43,7 +43,7 @@ def line_setup(tmp_path_factory):
     store = open_store(f"file://{base / 'banks'}")
     rng = np.random.default_rng(0)
     for i, name in enumerate(("valve-a", "valve-b")):
-        shots = [ShotImage(f"{name}{k}", "0" * 64, (rng.random((64, 64, 3)) * 80 + 60 * i).astype(np.uint8))
+        shots = [ShotImage(f"{name}{k}", f"{i}{k:063d}", (rng.random((64, 64, 3)) * 80 + 60 * i).astype(np.uint8))
                  for k in range(3)]
         reg = register_product(model, card.signature, card.model_id, name, shots, shots=3)
         store.put("7", encode_bank(reg.bank, reg.meta), reg.meta)

@@ -78,8 +78,18 @@ def scale_of(scores: Sequence[float], method: str = DEFAULT_METHOD,
         u, spread = 0.0, s.max()
     else:
         raise NormalStatsError(f"unknown normalisation {method!r}: use one of {METHODS}")
-    spread = max(float(spread), MIN_SPREAD_FRACTION * abs(float(u)), 1e-9)
+    spread = max(float(spread), spread_floor(float(u)))
     return float(u), float(u) + spread
+
+
+def spread_floor(u: float) -> float:
+    """The least spread a scale gets: near-identical good images must not make it divide by ~0."""
+    return max(MIN_SPREAD_FRACTION * abs(u), 1e-9)
+
+
+def spread_is_floored(u: float, gamma: float) -> bool:
+    """True when ``(u, gamma)`` sit on the floor: the good images scored (almost) identically."""
+    return gamma - u <= spread_floor(u) * (1 + 1e-9)
 
 
 def calibrated(raw: np.ndarray | float, u: float, gamma: float) -> np.ndarray | float:

@@ -23,7 +23,7 @@ from ..decode import decode_image, pillow_to_rgb, resize_square
 from ..model import InspectionModel
 from ..model.bank import ProductBank, build_bank, greedy_k_center, prototype_of, stack_banks
 from ..wire import FrameHeader
-from .normal import DEFAULT_METHOD, NormalStats
+from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, spread_is_floored
 from .record import BankError, BankMeta, check_name, content_digest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -41,9 +41,28 @@ class ShotImage:
 
 @dataclass(frozen=True)
 class Registration:
+    """A product's bank and metadata; ``duplicates`` pairs each image left out as a copy (same
+    content digest) with the image it repeats."""
+
     bank: ProductBank
     meta: BankMeta
     chosen: tuple[str, ...]
+    duplicates: tuple[tuple[str, str], ...] = ()
+
+
+def distinct_images(images: Sequence[ShotImage]) -> tuple[list[ShotImage], list[tuple[str, str]]]:
+    """The images with copies (same content digest) removed, first occurrence kept, and the
+    ``(copy, original)`` name pairs removed. A copy of a shot scored against the bank that holds
+    the original would score as a perfect part and shrink the product's normal spread."""
+    seen: dict[str, str] = {}
+    kept, dropped = [], []
+    for im in images:
+        if im.sha256 in seen:
+            dropped.append((im.name, seen[im.sha256]))
+        else:
+            seen[im.sha256] = im.name
+            kept.append(im)
+    return kept, dropped
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -191,15 +210,28 @@ def register_product(
     check_name("product", product)
     if shots < 2:
         raise BankError("too_few_shots", f"a bank needs at least 2 shots, asked for {shots}")
+    images, duplicates = distinct_images(images)
     if len(images) < 2:
-        raise BankError("too_few_shots", f"a bank needs at least 2 images, got {len(images)}")
+        raise BankError("too_few_shots", f"a bank needs at least 2 images, got {len(images)}"
+                        + (f" distinct ({len(duplicates)} duplicates)" if duplicates else ""))
+    if len(images) < shots:
+        raise BankError("too_few_images", f"{len(images)} distinct good images for a bank of {shots} shots"
+                        + (f" ({len(duplicates)} duplicates left out)" if duplicates else "")
+                        + f": give at least {shots}, and 30 or more for trustworthy normal statistics")
     say = progress or (lambda _msg: None)
+    if duplicates:
+        say(f"{len(duplicates)} duplicate images (same content) counted once: "
+            + ", ".join(f"{a} = {b}" for a, b in duplicates))
     say(f"extracting features of {len(images)} images")
     feats = extract(model, np.stack([im.pixels for im in images]))
     say(f"building the bank from the {min(shots, len(images))} most diverse images and scoring "
         f"{len(images)} images against banks that do not contain them")
     product_bank = register_features(model, product, feats, shots, coreset, seed, method)
     bank, normal, keep = product_bank.bank, product_bank.normal, product_bank.keep
+    if spread_is_floored(normal.u, normal.gamma):
+        say(f"warning: the good images of {product} scored almost identically (copies of one part?): "
+            f"their spread was raised to the floor of {MIN_SPREAD_FRACTION:.0%} of the typical score; "
+            f"register from images of different parts")
     chosen = [images[i] for i in keep]
     meta = BankMeta(
         product=product,
@@ -216,4 +248,4 @@ def register_product(
         candidates=len(images),
         normal={**normal.summary(), "scored": product_bank.scored, "scores": normal.registration},
     )
-    return Registration(bank, meta, tuple(im.name for im in chosen))
+    return Registration(bank, meta, tuple(im.name for im in chosen), tuple(duplicates))
