@@ -75,6 +75,13 @@ class LineCalibration:
                     self.calibrator.adopt(stats, force=True)
                     self._seen[product] = _key(stats)
                     self._stored[product] = stats.revision  # 0 for registration statistics: no record stored
+                    if not stats.measured:
+                        self.log.warning("calibration_unmeasured", product=product, bank_version=stats.bank_version,
+                                         hint="registered before normal statistics were measured: register it "
+                                              "again from 30 or more good images")
+                    elif stats.thin:
+                        self.log.warning("calibration_thin", product=product, count=stats.count, source=stats.source,
+                                         hint="threshold uncertain until the stream or feedback refines it")
         self._rebuild()
 
     def _rebuild(self) -> None:

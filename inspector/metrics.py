@@ -83,6 +83,10 @@ class WorkerMetrics:
         self.calibration_count = Gauge(
             "inspector_calibration_count", "Good-image or stream scores behind each product's statistics, by source.",
             ["product", "source"], registry=reg)
+        self.calibration_thin = Gauge(
+            "inspector_calibration_thin",
+            "1 while too few good-image scores stand behind a product's statistics (its threshold is uncertain), "
+            "or its bank predates measured statistics.", ["product"], registry=reg)
         self.calibration_frozen = Gauge(
             "inspector_calibration_frozen", "1 while a product's stream learning is frozen by a fail-rate jump.",
             ["product"], registry=reg)
@@ -146,13 +150,15 @@ class WorkerMetrics:
 
     def set_calibration(self, summaries: Mapping[str, Mapping]) -> None:
         """Show each product's statistics in service (``NormalStats.summary()`` per product)."""
-        for gauge in (self.calibration_u, self.calibration_gamma, self.calibration_count, self.calibration_frozen):
+        for gauge in (self.calibration_u, self.calibration_gamma, self.calibration_count, self.calibration_frozen,
+                      self.calibration_thin):
             gauge.clear()
         for product, s in summaries.items():
             self.calibration_u.labels(product=product).set(s["u"])
             self.calibration_gamma.labels(product=product).set(s["gamma"])
             self.calibration_count.labels(product=product, source=s["source"]).set(s["count"])
             self.calibration_frozen.labels(product=product).set(1 if s["frozen"] else 0)
+            self.calibration_thin.labels(product=product).set(1 if s["thin"] or not s.get("measured", True) else 0)
 
     def calibration_update(self, product: str, kind: str) -> None:
         self.calibration_updates_total.labels(product=product, kind=kind).inc()

@@ -12,7 +12,7 @@ from PIL import Image
 
 from inspector.artifact import save_artifact
 from inspector.banks import encode_bank, open_store
-from inspector.banks.normal import NormalStats, calibrated
+from inspector.banks.normal import calibrated
 from inspector.banks.register import ShotImage, extract, read_shots, register_features, register_product
 from inspector.banks.watcher import build_snapshot
 from inspector.calibration import LineCalibration
@@ -101,6 +101,66 @@ def test_stream_learning_off_keeps_the_registration_statistics(setup) -> None:
         ln.close()
 
 
+def metric(text: str, name: str, product: str) -> float:
+    """One product's sample of a gauge in Prometheus text (fails when it is absent)."""
+    prefix = f'{name}{{product="{product}"'
+    rows = [line for line in text.splitlines() if line.startswith(prefix)]
+    assert rows, f"no {name} for {product} in /metrics"
+    return float(rows[0].rsplit(" ", 1)[1])
+
+
+def test_metrics_show_statistics_and_flag_thin_ones(setup) -> None:
+    """12 images, 4 shots: 8 cross-scored scores, fewer than RELIABLE_COUNT, so the product is
+    flagged thin on /metrics with the statistics it is served by."""
+    base, _, good = setup
+    ln = Line(config(base, **{"calibration.stream": False}))
+    try:
+        stream(ln, good[12:14], "m")
+        text = ln.worker.metrics.render().decode()
+        served = ln.worker.calibration.current("valve-a")
+        assert served.thin and served.measured and served.count == 8
+        assert metric(text, "inspector_calibration_thin", "valve-a") == 1.0
+        assert metric(text, "inspector_calibration_u", "valve-a") == pytest.approx(served.u)
+        assert metric(text, "inspector_calibration_gamma", "valve-a") == pytest.approx(served.gamma)
+    finally:
+        ln.close()
+
+
+def test_a_bank_from_before_measured_statistics_is_served_and_flagged(setup, capsys) -> None:
+    """A bank whose metadata carries no normal statistics (registered by an older version) still
+    loads and serves, with its stored ``(u, gamma)``; /metrics and ``bank show`` flag it."""
+    base, model, good = setup
+    store = open_store(f"file://{base / 'banks'}")
+    reg = register_product(model, "x", "m0", "valve-b", [ShotImage(f"o{i}", f"{i:064d}", im)
+                                                          for i, im in enumerate(good[:4])], shots=4)
+    from inspector.artifact import read_card
+
+    card = read_card(base / "model")
+    old = dataclasses.replace(reg.meta, signature=card.signature, model_id=card.model_id, normal=None,
+                              u=0.01, gamma=0.05)
+    store.put(LINE, encode_bank(reg.bank, old), old)
+    store.close()
+    ln = Line(config(base, **{"calibration.stream": False}))
+    try:
+        (r, _), = [x for x in stream_product(ln, good[30:31], "o", "valve-b")]
+        assert r.product == "valve-b" and r.verdict in ("pass", "fail")
+        served = ln.worker.calibration.current("valve-b")
+        assert (served.u, served.gamma) == (0.01, 0.05) and not served.measured
+        assert metric(ln.worker.metrics.render().decode(), "inspector_calibration_thin", "valve-b") == 1.0
+    finally:
+        ln.close()
+    assert main(["bank", "show", "--line", LINE, "--product", "valve-b", "--store", f"file://{base / 'banks'}"]) == 0
+    assert "registered before normal statistics existed" in capsys.readouterr().out
+
+
+def stream_product(ln: Line, frames: list[np.ndarray], tag: str, product: str) -> list:
+    for i, im in enumerate(frames):
+        ln.send(f"{tag}{i}", im, product=product)
+    results = ln.results(len(frames))
+    assert len(results) == len(frames)
+    return results
+
+
 def test_feedback_re_measures_statistics_in_a_running_worker(setup, tmp_path: Path, capsys) -> None:
     base, _, good = setup
     ln = Line(config(base, **{"calibration.stream": False}))
@@ -130,7 +190,7 @@ def test_feedback_refuses_an_image_that_is_in_the_bank(setup, tmp_path: Path, ca
     for p, im in zip(paths, good[:2]):
         Image.fromarray(im).save(p)
     common = ["--line", LINE, "--product", "valve-b", "--store", f"file://{base / 'banks'}", "--artifact", str(base / "model")]
-    assert main(["bank", "add", *common, *map(str, paths)]) == 0  # two images: both are shots
+    assert main(["bank", "add", *common, "--shots", "2", *map(str, paths)]) == 0  # two images: both are shots
     capsys.readouterr()
     assert main(["bank", "feedback", *common, "--good", str(paths[0])]) == 2
     assert "cannot be scored against a bank that contains it" in capsys.readouterr().err

@@ -157,6 +157,12 @@ class NormalStats:
         return self.count < RELIABLE_COUNT
 
     @property
+    def measured(self) -> bool:
+        """False for a bank registered before statistics were cross-scored: its ``(u, gamma)``
+        are leave-one-out map statistics of its shots, not a sample of its good parts' scores."""
+        return bool(self.registration or self.feedback or self.stream)
+
+    @property
     def confirmed(self) -> int:
         """Good images behind the statistics that people vouched for (registration and feedback)."""
         return len(self.registration) + len(self.feedback)
@@ -233,7 +239,8 @@ class NormalStats:
     def summary(self) -> dict[str, Any]:
         """What ``bank show``, ``/metrics`` and the heartbeat report (no samples)."""
         return {"u": self.u, "gamma": self.gamma, "method": self.method, "source": self.source,
-                "count": self.count, "thin": self.thin, "frozen": self.frozen, "revision": self.revision,
+                "count": self.count, "thin": self.thin, "measured": self.measured, "frozen": self.frozen,
+                "revision": self.revision,
                 "bank_version": self.bank_version, "updated_at": self.updated_at}
 
 
