@@ -82,6 +82,30 @@ def scale_of(scores: Sequence[float], method: str = DEFAULT_METHOD,
     return float(u), float(u) + spread
 
 
+Z_95 = 1.645  # one-sided standard normal 95% quantile: the robust equivalent of the q95 anchor
+
+
+def stream_scale_of(scores: Sequence[float], method: str) -> tuple[float, float]:
+    """``(u, gamma)`` of a *stream* sample, robust to the defects it holds, on ``method``'s scale.
+
+    A stream sample is not vouched for: a few percent of it are defects (or, for a product
+    learning from passed frames only, its top is cut off at the threshold). An empirical 95th
+    percentile breaks down at 5% contamination, and a maximum or a standard deviation at one
+    outlier, so the stream measures the median and the interquartile range (which tolerate a
+    quarter of the sample being off) and places the upper anchor where the record's method puts
+    it for normally distributed scores: 1.645 sigma for ``quantile`` (its 95th percentile),
+    2.326 for ``zscore`` and ``robust``.
+    """
+    s = np.asarray([float(x) for x in scores], dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size < 2:
+        raise NormalStatsError(f"normal statistics need at least 2 finite scores, got {s.size}")
+    q25, u, q75 = np.quantile(s, [0.25, 0.5, 0.75])
+    z = Z_95 if method in ("quantile", "max") else Z_HIGH
+    spread = max(z * float(q75 - q25) / IQR_TO_SIGMA, spread_floor(float(u)))
+    return float(u), float(u) + spread
+
+
 def spread_floor(u: float) -> float:
     """The least spread a scale gets: near-identical good images must not make it divide by ~0."""
     return max(MIN_SPREAD_FRACTION * abs(u), 1e-9)
@@ -310,7 +334,7 @@ class StreamCalibrator:
     Every ``refresh_every`` frames the interval is checked: if its fail rate jumped above the
     rate before it by ``freeze_jump``, the product is frozen and the interval's scores are
     discarded; otherwise they join the window and, once ``min_count`` scores are there, the
-    statistics move toward the window's statistics (the record's method) by at most ``max_step``.
+    statistics move toward the window's robust statistics (``stream_scale_of``) by at most ``max_step``.
 
     Not thread-safe: the worker's loop is its only caller.
     """
@@ -371,7 +395,7 @@ class StreamCalibrator:
                 track.stats = replace(stats, frozen=False, revision=stats.revision + 1, updated_at=_now())
                 return track.stats
             return None
-        target = scale_of(track.scores, DEFAULT_METHOD if stats.method == "max" else stats.method)
+        target = stream_scale_of(track.scores, stats.method)
         u, gamma = bounded_step((stats.u, stats.gamma), target, cfg.max_step)
         track.stats = replace(stats, u=u, gamma=gamma, source="stream", count=len(track.scores),
                               stream=list(track.scores), frozen=False, revision=stats.revision + 1,
