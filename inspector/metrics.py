@@ -54,6 +54,9 @@ class WorkerMetrics:
             "inspector_stage_latency_seconds", "Time a frame spent in each stage.", ["stage"],
             buckets=LATENCY_BUCKETS_S, registry=reg)
         self.queue_depth = Gauge("inspector_queue_depth", "Frames waiting in the ingest queue.", registry=reg)
+        self.received = Gauge("inspector_messages_received",
+                              "Messages taken off the ingest socket since start (each gets exactly one result).",
+                              registry=reg)
         self.batch_size = Histogram(
             "inspector_batch_size", "Frames per inference batch.", buckets=BATCH_BUCKETS, registry=reg)
         self.results_total = Counter(
@@ -125,6 +128,10 @@ class WorkerMetrics:
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.observe(size)
+
+    def count_received(self, read: Callable[[], int]) -> None:
+        """Report ``read()`` (the ingest's own counter) as ``inspector_messages_received`` at each scrape."""
+        self.received.set_function(read)
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

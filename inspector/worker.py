@@ -153,6 +153,7 @@ class Worker:
         self.ingest = Ingest(self.context, cfg.ingest.bind, cfg.ingest.rcvhwm, limits, self.queue, self.pool,
                              self.engine.input_size, cfg.batch.deadline_ms, self._reject, self._dropped,
                              server_side)
+        self.metrics.count_received(lambda: self.ingest.received)
 
     def _stream(self) -> StreamWriter | None:
         b = self.cfg.banks

@@ -261,6 +261,12 @@ def _notify_socket(tmp_path: Path) -> socket.socket:
     return sock
 
 
+def received(http_port: int) -> float:
+    """``inspector_messages_received`` from the worker's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2).read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("inspector_messages_received "))
+
+
 def test_process_ready_notify_watchdog_and_sigterm_drain(line_setup, tmp_path) -> None:
     """READY only after warm-up (and /readyz 503 before); SIGTERM publishes every accepted
     frame's result before exit 0; WATCHDOG and STOPPING arrive on the socket the test opens."""
@@ -305,10 +311,15 @@ def test_process_ready_notify_watchdog_and_sigterm_drain(line_setup, tmp_path) -
         while sub.poll(300):
             sub.recv_multipart()
         n = 12
+        before = received(http_port)
         for i in range(n):
             h = FrameHeader(frame_id=f"t{i}", camera="cam1", ts_ns=time.time_ns(), encoding="jpeg")
             push.send_multipart(encode_frame(h, encode_jpeg(np.full((64, 64, 3), 70, np.uint8))))
-        time.sleep(0.2)  # let ingest accept them (the drain covers accepted frames only)
+        # The drain covers frames the ingest took off the socket: wait until it has all of them.
+        end = time.monotonic() + RESULT_TIMEOUT_S
+        while received(http_port) < before + n:
+            assert time.monotonic() < end, "the ingest never took the frames off the socket"
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         got = []
         while proc.poll() is None or sub.poll(200):
