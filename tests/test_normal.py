@@ -17,7 +17,7 @@ from inspector.banks.normal import (
     METHODS,
     MIN_SPREAD_FRACTION,
     RELIABLE_COUNT,
-    Z_95,
+    Z_MAX_50,
     Z_HIGH,
     DEFAULT_METHOD,
     NormalStats,
@@ -57,15 +57,23 @@ def test_zscore_scale_is_mean_and_2_326_standard_deviations() -> None:
     assert calibrated(np.quantile(scores, 0.99), u, gamma) == pytest.approx(1.0, abs=0.03)  # sampling error ~0.02
 
 
-def test_default_scale_is_median_and_95th_percentile() -> None:
+def test_quantile_scale_is_median_and_95th_percentile() -> None:
     scores = np.random.default_rng(1).gamma(2.0, 0.1, 501)  # skewed, as image scores are
-    u, gamma = scale_of(scores)
-    assert DEFAULT_METHOD == "quantile"
+    u, gamma = scale_of(scores, "quantile")
     assert u == pytest.approx(np.median(scores), rel=1e-12)
     assert gamma == pytest.approx(np.quantile(scores, 0.95), rel=1e-12)
     # 5% of the sample lies above 1.0 (501 scores: numpy's linear interpolation puts the 95th
     # percentile on the 476th smallest, so exactly 25 are above it)
     assert int((calibrated(scores, u, gamma) > 1.0 + 1e-12).sum()) == 25
+
+
+def test_default_scale_is_median_and_maximum() -> None:
+    scores = np.random.default_rng(1).gamma(2.0, 0.1, 46)
+    u, gamma = scale_of(scores)
+    assert DEFAULT_METHOD == "median_max"
+    assert (u, gamma) == (pytest.approx(np.median(scores), rel=1e-12), pytest.approx(scores.max(), rel=1e-12))
+    cal = calibrated(scores, u, gamma)
+    assert cal.max() == pytest.approx(1.0) and np.median(cal) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -113,10 +121,10 @@ def test_feedback_adds_confirmed_good_scores_and_measures_again() -> None:
 
 # -- the stream update ---------------------------------------------------------------------------------
 CFG = StreamConfig(window=100, min_count=40, refresh_every=20, max_step=0.5, freeze_jump=0.2)
-# A line threshold where the trainer puts one on the default scale: 1.0 is a product's 95th
-# percentile, and a 1% false-reject rate of normally distributed scores lies at
-# (q99 - median) / (q95 - median) = 2.326 / 1.645 = 1.41 on it.
-LINE_THRESHOLD = 1.41
+# A line threshold where the trainer puts one on the default scale: 1.0 is the maximum of a
+# product's registration scores (for 50 normally distributed ones about 2.06 standard deviations
+# above the median), and a 1% false-reject rate lies at 2.326 / 2.06 = 1.13 on it.
+LINE_THRESHOLD = 1.13
 
 
 def feed(calib: StreamCalibrator, product: str, raws, threshold: float = LINE_THRESHOLD) -> list[NormalStats]:
@@ -314,9 +322,9 @@ def test_the_watcher_serves_refined_statistics_and_survives_a_damaged_record(sto
 
 def test_stream_statistics_hold_with_five_percent_defects_in_the_sample() -> None:
     """A product registered from few images learns from every frame, defects included. With 5%
-    of the stream far out (defects), the learned 95th-percentile anchor stays where the good
-    parts' is (tolerance: 15% of the good spread, the sampling error of 200 frames' IQR is ~7%);
-    an empirical 95th percentile of the same sample would sit among the defects."""
+    of the stream far out (defects), the learned upper anchor stays where the good parts' is
+    (tolerance: 15% of the good spread; the sampling error of 200 frames' IQR is ~7%); the
+    registration statistic (the maximum) of the same sample would sit among the defects."""
     rng = np.random.default_rng(3)
     good = rng.normal(0.2, 0.02, 190)
     stream = rng.permutation(np.concatenate([good, rng.normal(0.5, 0.05, 10)]))
@@ -324,9 +332,9 @@ def test_stream_statistics_hold_with_five_percent_defects_in_the_sample() -> Non
     calib.adopt(stats(scores=(0.19, 0.2, 0.21)))  # thin: learns from every frame
     feed(calib, "valve-a", stream)
     learned = calib.current("valve-a")
-    true_u, true_gamma = 0.2, 0.2 + Z_95 * 0.02
-    assert learned.source == "stream" and learned.method == "quantile"
+    true_u, true_gamma = 0.2, 0.2 + Z_MAX_50 * 0.02
+    assert learned.source == "stream" and learned.method == DEFAULT_METHOD
     assert abs(learned.u - true_u) < 0.15 * (true_gamma - true_u)
     assert abs(learned.gamma - true_gamma) < 0.15 * (true_gamma - true_u)
-    naive = scale_of(stream, "quantile")[1]
-    assert naive - true_gamma > 0.5 * (true_gamma - true_u)  # what the plain quantile would have learned
+    naive = scale_of(stream)[1]
+    assert naive - true_gamma > 0.5 * (true_gamma - true_u)  # what the plain statistic would have learned

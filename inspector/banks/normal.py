@@ -34,12 +34,17 @@ from typing import Any, Sequence
 import numpy as np
 
 NORMAL_SCHEMA = 1
-METHODS = ("robust", "zscore", "quantile", "max")
-DEFAULT_METHOD = "quantile"  # best FRR / escape-excess balance at 50 images: benchmarks/results/calibration.md
+METHODS = ("robust", "zscore", "quantile", "max", "median_max")
+# Best aligned tails with a line threshold placed on held-out good images, as the trainer places
+# it: benchmarks/results/calibration.md, "held-out threshold" columns.
+DEFAULT_METHOD = "median_max"
 SOURCES = ("registration", "stream", "feedback")
 Z_HIGH = 2.326  # one-sided standard normal 99% quantile: calibrated 1.0 ~ the 99th percentile
 IQR_TO_SIGMA = 1.349  # interquartile range of a standard normal: IQR / 1.349 estimates sigma
 QUANTILE_HIGH = 0.95  # the "quantile" method's upper anchor, (s - median) / (q95 - median)
+# Where the maximum of 50 normally distributed scores lies on average, in standard deviations
+# above the median (Phi^-1(50/51)): the stream's robust stand-in for the "median_max" anchor.
+Z_MAX_50 = 2.06
 MIN_SPREAD_FRACTION = 0.02  # spread floor as a fraction of |u|: a few near-equal scores must not blow up the scale
 RELIABLE_COUNT = 25  # fewer good-image scores than this and the product's threshold is uncertain (30 images - k shots)
 MAX_KEPT_SCORES = 1024  # scores kept per source in a stats record: bounds its size (~20 KB of JSON)
@@ -57,7 +62,8 @@ def scale_of(scores: Sequence[float], method: str = DEFAULT_METHOD,
         robust: median and ``Z_HIGH`` times IQR/1.349 (tolerates a few percent of defects);
         zscore: mean and ``Z_HIGH`` standard deviations;
         quantile: median and the ``quantile_high`` quantile (default ``QUANTILE_HIGH``);
-        max: 0 and the maximum (1.0 = the highest score the good images reached).
+        max: 0 and the maximum (1.0 = the highest score the good images reached);
+        median_max: the median and the maximum (0 = the typical good part, 1.0 the highest).
 
     Raises:
         NormalStatsError: fewer than 2 finite scores, or an unknown method.
@@ -76,6 +82,9 @@ def scale_of(scores: Sequence[float], method: str = DEFAULT_METHOD,
         spread = high - u
     elif method == "max":
         u, spread = 0.0, s.max()
+    elif method == "median_max":
+        u = np.median(s)
+        spread = s.max() - u
     else:
         raise NormalStatsError(f"unknown normalisation {method!r}: use one of {METHODS}")
     spread = max(float(spread), spread_floor(float(u)))
@@ -94,14 +103,15 @@ def stream_scale_of(scores: Sequence[float], method: str) -> tuple[float, float]
     outlier, so the stream measures the median and the interquartile range (which tolerate a
     quarter of the sample being off) and places the upper anchor where the record's method puts
     it for normally distributed scores: 1.645 sigma for ``quantile`` (its 95th percentile),
-    2.326 for ``zscore`` and ``robust``.
+    ``Z_MAX_50`` for ``median_max`` and ``max`` (the expected maximum of a 50-image
+    registration), 2.326 for ``zscore`` and ``robust``.
     """
     s = np.asarray([float(x) for x in scores], dtype=np.float64)
     s = s[np.isfinite(s)]
     if s.size < 2:
         raise NormalStatsError(f"normal statistics need at least 2 finite scores, got {s.size}")
     q25, u, q75 = np.quantile(s, [0.25, 0.5, 0.75])
-    z = Z_95 if method in ("quantile", "max") else Z_HIGH
+    z = {"quantile": Z_95, "max": Z_MAX_50, "median_max": Z_MAX_50}.get(method, Z_HIGH)
     spread = max(z * float(q75 - q25) / IQR_TO_SIGMA, spread_floor(float(u)))
     return float(u), float(u) + spread
 
