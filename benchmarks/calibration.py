@@ -42,7 +42,7 @@ from inspector.model import InspectionModel, ModelConfig, build_bank, load_backb
 from trainer import metrics  # noqa: E402
 from trainer.data import ImageCache, list_samples  # noqa: E402
 from trainer.features import extract_features  # noqa: E402
-from trainer.line_eval import raw_scores_against  # noqa: E402
+from inspector.banks.register import raw_scores_against  # noqa: E402
 
 CLASSES = ("ball_screw", "commutator", "magnetic_tile", "pcb", "solar_cell")
 

@@ -152,12 +152,10 @@ FEEDBACK_TRIES = 3  # compare-and-set retries when a worker writes the statistic
 
 def _feedback(args, cfg, store) -> int:
     import numpy as np
-    import torch
 
     from .banks import BankError, decode_bank
     from .banks.normal import NormalStats, calibrated
-    from .banks.register import extract, read_shots
-    from .model.bank import stack_banks
+    from .banks.register import extract, raw_scores_against, read_shots
 
     model, card = _load_model(cfg)
     images = read_shots(args.good, model.input_size)
@@ -169,9 +167,7 @@ def _feedback(args, cfg, store) -> int:
                                    "scored against a bank that contains it")
     bank, meta = decode_bank(store.blob(args.line, args.product, meta.version), card.signature, model.channels)
     meta = meta.with_version(store.state(args.line).products.get(args.product, meta.version))
-    feats = extract(model, np.stack([im.pixels for im in images]))
-    hint = torch.zeros(len(images), dtype=torch.long)
-    raw = model.raw_scores(feats, stack_banks([bank]), hint).numpy()
+    raw = raw_scores_against(model, extract(model, np.stack([im.pixels for im in images])), bank)
     for _ in range(FEEDBACK_TRIES):
         stored = store.normal(args.line, args.product)
         current = stored if stored is not None and stored.bank_version == meta.version else NormalStats.from_meta(meta)
@@ -230,11 +226,10 @@ def _show(args, cfg, store) -> int:
     print("levels      " + ", ".join(f"{n} x {c}" for n, c in meta.levels) + f"  ({meta.nbytes / 2**20:.2f} MiB fp16)")
     reg = NormalStats.from_meta(meta)
     print(f"registered  u {reg.u:.4f}  gamma {reg.gamma:.4f}  ({_stats_line(reg, meta)})")
-    live = data.get("normal_in_service")
-    if live:
-        print(f"in service  u {live['u']:.4f}  gamma {live['gamma']:.4f}  (from {live['source']}, {live['count']} "
-              f"scores, revision {live['revision']}{', FROZEN: a fail-rate jump paused stream learning' if live['frozen'] else ''}"
-              f"{', thin' if live['thin'] else ''}; updated {live['updated_at']})")
+    live = data["normal_in_service"]
+    print(f"in service  u {live['u']:.4f}  gamma {live['gamma']:.4f}  (from {live['source']}, {live['count']} "
+          f"scores, revision {live['revision']}{', FROZEN: a fail-rate jump paused stream learning' if live['frozen'] else ''}"
+          f"{', thin' if live['thin'] else ''}; updated {live['updated_at']})")
     return 0
 
 

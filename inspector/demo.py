@@ -43,6 +43,7 @@ LINE_NAME = "demo"
 READY_TIMEOUT_S = 300.0
 DRAIN_S = 60.0
 OVERLAYS_PER_GROUP = 4  # heatmap overlays kept per product and truth (good/defect)
+POLL_S = 0.5  # the worker's bank poll interval in the demo (--poll-interval-s)
 DEMO_RECIPE = 2  # bumped when the demo's model recipe changes, so an older model in --out is not reused
 REGISTRATION_IMAGES = 30  # good images per product at registration: enough to place it on the line's scale
 
@@ -244,9 +245,6 @@ def _serve_and_stream(out: Path, data: Path, artifact: Path, store: str, frames:
 
 def progress_due(i: int, n: int) -> bool:
     return (i + 1) % max(1, n // 6) == 0 or i + 1 == n
-
-
-POLL_S = 0.5  # the worker's bank poll interval in the demo (--poll-interval-s)
 
 
 def _live_add(stream, results, registered_at: int | None, live_epoch: int | None) -> dict:

@@ -13,7 +13,8 @@ from PIL import Image
 from inspector.artifact import save_artifact
 from inspector.banks import encode_bank, open_store
 from inspector.banks.normal import calibrated
-from inspector.banks.register import ShotImage, extract, read_shots, register_features, register_product
+from inspector.banks.register import (ShotImage, extract, raw_scores_against, read_shots, register_features,
+                                      register_product)
 from inspector.banks.watcher import build_snapshot
 from inspector.calibration import LineCalibration
 from inspector.cli import main
@@ -21,7 +22,6 @@ from inspector.config import CalibrationConfig, load_config
 from inspector.engine import Engine, EngineSettings, bank_capacity
 from inspector.metrics import WorkerMetrics
 from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
-from trainer.line_eval import raw_scores_against
 
 from .conftest import REAL_DATA, REAL_WEIGHTS, free_port, require_real, tiny_config
 from .test_worker import RESULT_TIMEOUT_S, Line

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from inspector.artifact import ModelCard
 from inspector.banks.normal import NormalStats, StreamConfig
-from inspector.banks.register import RegisteredFeatures, register_features
+from inspector.banks.register import RegisteredFeatures, raw_scores_against, register_features
 from inspector.model import InspectionModel, stack_banks
 from inspector.model.calibration import top_fraction_count
 from inspector.model.config import CALIBRATION_MODES
@@ -312,7 +312,7 @@ def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray]
         good = ci.unused[: cfg.stream_frames]
         cache = ImageCache.load(good, model.input_size)
         feats = extract_features(model, cache.images, progress=False)
-        good_raw = line_eval.raw_scores_against(model, feats, ci.registered.bank)
+        good_raw = raw_scores_against(model, feats, ci.registered.bank)
         defect_raw = raw[sel & (test.labels == 1)]
         plan = line_eval.stream_plan(good_raw, defect_raw, cfg.stream_frames, cfg.stream_defect_rate, rng)
         out["stream"][name] = line_eval.simulate_stream(start, plan, threshold, StreamConfig(),

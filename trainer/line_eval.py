@@ -24,14 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from inspector.banks.normal import NormalStats, StreamCalibrator, StreamConfig, calibrated
-from inspector.model import InspectionModel
-from inspector.model.bank import stack_banks
 
 from . import metrics
-from .features import select
 
 
 def class_rates(labels: np.ndarray, scores: np.ndarray, threshold: float, frr_target: float) -> dict[str, float]:
@@ -111,15 +107,3 @@ def simulate_stream(start: NormalStats, plan: StreamPlan, threshold: float, cfg:
     last = point(len(plan.raw))
     return {"trace": trace, "frr": last["frr"], "escape": last["escape"], "frames": len(plan.raw),
             "stream_frr": rejected_good / max(1, int((~plan.defect).sum()))}
-
-
-@torch.no_grad()
-def raw_scores_against(model: InspectionModel, feats: Sequence[torch.Tensor], bank: Any, batch: int = 8) -> np.ndarray:
-    """Raw image scores of features against one product's bank (hinted, no routing)."""
-    stacked = stack_banks([bank])
-    out = []
-    n = feats[0].shape[0]
-    for start in range(0, n, batch):
-        rows = range(start, min(n, start + batch))
-        out.append(model.raw_scores(select(feats, rows), stacked, torch.zeros(len(rows), dtype=torch.long)))
-    return torch.cat(out).numpy()

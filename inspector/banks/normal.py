@@ -49,6 +49,10 @@ QUANTILE_HIGH = 0.95  # the "quantile" method's upper anchor, (s - median) / (q9
 # Where the maximum of 50 normally distributed scores lies on average, in standard deviations
 # above the median (Phi^-1(50/51)): the stream's robust stand-in for the "median_max" anchor.
 Z_MAX_50 = 2.06
+Z_95 = 1.645  # one-sided standard normal 95% quantile: the robust equivalent of the q95 anchor
+# Where a stream refresh puts 1.0, in robust standard deviations above the median, per method
+# (``stream_scale_of``); the others use Z_HIGH.
+STREAM_ANCHOR_Z = {"quantile": Z_95, "max": Z_MAX_50, "median_max": Z_MAX_50}
 MIN_SPREAD_FRACTION = 0.02  # spread floor as a fraction of |u|: a few near-equal scores must not blow up the scale
 RELIABLE_COUNT = 25  # fewer good-image scores than this and the product's threshold is uncertain (30 images - k shots)
 MAX_KEPT_SCORES = 1024  # scores kept per source in a stats record: bounds its size (~20 KB of JSON)
@@ -72,13 +76,9 @@ def scale_of(scores: Sequence[float], method: str = DEFAULT_METHOD,
     Raises:
         NormalStatsError: fewer than 2 finite scores, or an unknown method.
     """
-    s = np.asarray([float(x) for x in scores], dtype=np.float64)
-    s = s[np.isfinite(s)]
-    if s.size < 2:
-        raise NormalStatsError(f"normal statistics need at least 2 finite scores, got {s.size}")
+    s = _finite_sample(scores)
     if method == "robust":
-        q25, u, q75 = np.quantile(s, [0.25, 0.5, 0.75])
-        spread = Z_HIGH * (q75 - q25) / IQR_TO_SIGMA
+        u, spread = _median_and_robust_spread(s, Z_HIGH)
     elif method == "zscore":
         u, spread = s.mean(), Z_HIGH * s.std(ddof=1)
     elif method == "quantile":
@@ -95,7 +95,19 @@ def scale_of(scores: Sequence[float], method: str = DEFAULT_METHOD,
     return float(u), float(u) + spread
 
 
-Z_95 = 1.645  # one-sided standard normal 95% quantile: the robust equivalent of the q95 anchor
+def _finite_sample(scores: Sequence[float]) -> np.ndarray:
+    """The finite scores as float64; fewer than 2 is an error."""
+    s = np.asarray([float(x) for x in scores], dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size < 2:
+        raise NormalStatsError(f"normal statistics need at least 2 finite scores, got {s.size}")
+    return s
+
+
+def _median_and_robust_spread(s: np.ndarray, z: float) -> tuple[float, float]:
+    """The median and ``z`` robust standard deviations (interquartile range / 1.349)."""
+    q25, u, q75 = np.quantile(s, [0.25, 0.5, 0.75])
+    return float(u), z * float(q75 - q25) / IQR_TO_SIGMA
 
 
 def stream_scale_of(scores: Sequence[float], method: str) -> tuple[float, float]:
@@ -110,14 +122,9 @@ def stream_scale_of(scores: Sequence[float], method: str) -> tuple[float, float]
     ``Z_MAX_50`` for ``median_max`` and ``max`` (the expected maximum of a 50-image
     registration), 2.326 for ``zscore`` and ``robust``.
     """
-    s = np.asarray([float(x) for x in scores], dtype=np.float64)
-    s = s[np.isfinite(s)]
-    if s.size < 2:
-        raise NormalStatsError(f"normal statistics need at least 2 finite scores, got {s.size}")
-    q25, u, q75 = np.quantile(s, [0.25, 0.5, 0.75])
-    z = {"quantile": Z_95, "max": Z_MAX_50, "median_max": Z_MAX_50}.get(method, Z_HIGH)
-    spread = max(z * float(q75 - q25) / IQR_TO_SIGMA, spread_floor(float(u)))
-    return float(u), float(u) + spread
+    u, spread = _median_and_robust_spread(_finite_sample(scores), STREAM_ANCHOR_Z.get(method, Z_HIGH))
+    spread = max(spread, spread_floor(u))
+    return u, u + spread
 
 
 def spread_floor(u: float) -> float:

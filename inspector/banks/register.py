@@ -128,7 +128,23 @@ def pick_diverse(top_level: torch.Tensor, k: int, seed: int = 0) -> list[int]:
     return sorted(int(i) for i in greedy_k_center(prototype_of(top_level), k, seed))
 
 
-SCORE_BATCH = 8  # held-out images scored per pass while registering: bounds the similarity blocks' memory
+SCORE_BATCH = 8  # images scored per pass against a bank: bounds the similarity blocks' memory
+
+
+@torch.no_grad()
+def raw_scores_against(model: InspectionModel, feats: Sequence[torch.Tensor], bank: ProductBank,
+                       rows: Sequence[int] | None = None) -> np.ndarray:
+    """Raw image scores of ``rows`` of ``feats`` (default: all) against one product's bank,
+    hinted to it (no routing), in batches of ``SCORE_BATCH``: the served arithmetic before
+    calibration. Registration, ``bank feedback`` and the evaluation all score this way."""
+    rows = list(range(feats[0].shape[0])) if rows is None else list(rows)
+    stacked = stack_banks([bank])
+    out = [np.zeros(0, dtype=np.float32)]
+    for start in range(0, len(rows), SCORE_BATCH):
+        part = rows[start : start + SCORE_BATCH]
+        hint = torch.zeros(len(part), dtype=torch.long)
+        out.append(model.raw_scores([f[part].float() for f in feats], stacked, hint).cpu().numpy())
+    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -146,13 +162,7 @@ def cross_scores(model: InspectionModel, feats: Sequence[torch.Tensor], keep: Se
     held = [i for i in range(feats[0].shape[0]) if i not in set(keep)]
     if len(held) < 2:
         return model.leave_one_out_scores([f[list(keep)] for f in feats]).cpu().numpy(), "leave_one_out"
-    stacked = stack_banks([bank])
-    out = []
-    for start in range(0, len(held), SCORE_BATCH):
-        rows = held[start : start + SCORE_BATCH]
-        hint = torch.zeros(len(rows), dtype=torch.long)
-        out.append(model.raw_scores([f[rows] for f in feats], stacked, hint))
-    return torch.cat(out).cpu().numpy(), "held_out"
+    return raw_scores_against(model, feats, bank, held), "held_out"
 
 
 @dataclass(frozen=True)
