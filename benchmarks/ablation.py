@@ -63,7 +63,7 @@ def score(model: InspectionModel, test: TestSet, banks, fraction: float) -> dict
     """Image AUROC of the raw map and the baseline, per class and mixed, mean over draws."""
     rows = {"model": [], "baseline": []}
     for bank in banks:
-        draw = run_draw(model, test, bank, batch=8, progress=False)
+        draw = run_draw(model, test, bank, bank, batch=8, progress=False)
         for key, maps in (("model", draw["raw"]), ("baseline", draw["nn"])):
             s = image_scores(maps, fraction)
             per = [metrics.roc_auc(test.labels[test.class_of == c], s[test.class_of == c]) for c in range(len(test.classes))]

@@ -86,7 +86,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     flow = dataclasses.replace(base.flow, constraintor=args.constraintor, position=not args.no_position)
     scoring = base.score.scoring if args.scoring == "select" else args.scoring
     score = dataclasses.replace(base.score, scoring=scoring, calibration=args.calibration)
-    bank = dataclasses.replace(base.bank, coreset=args.coreset or None)
+    bank = dataclasses.replace(base.bank, coreset=args.coreset or None, images=args.bank_images)
     return dataclasses.replace(base, flow=flow, score=score, bank=bank)
 
 
@@ -123,6 +123,7 @@ def bar_keys(report: dict, mode: str, scoring: str) -> dict[str, object]:
     classes = report["target_classes"]
     out: dict[str, object] = {
         "targets": classes, "registration_images": line["registration_images"], "draws": line["draws"],
+        "bank_images": report["bank_images"], "coreset": report["coreset"],
         "scoring": scoring, "calibration": mode, "normalisation": DEFAULT_METHOD, "threshold": line["threshold"],
         "per_class_auroc": s[mode]["class_separated_mean"]["image_auroc"]["mean"],
         "mixed_auroc": s[mode]["mixed"]["image_auroc"]["mean"],
@@ -160,6 +161,8 @@ def main() -> int:
     p.add_argument("--registration-images", type=int, default=50, help="good images each class is registered from")
     p.add_argument("--test-per-class", type=int, default=200, help="random test images per class (0: all)")
     p.add_argument("--stream-frames", type=int, default=200, help="simulated stream per class (0: none)")
+    p.add_argument("--bank-images", type=int, default=ModelConfig().bank.images,
+                   help="most registration images in a product's bank (4: the bank of k shots only)")
     p.add_argument("--coreset", type=int, default=1024,
                    help="bank vectors kept per level (greedy k-center; 0: all). 1024 cost at most 0.002 image "
                         "AUROC in benchmarks/results/banks.md and makes the nearest-neighbour search ~10x cheaper")

@@ -2,7 +2,8 @@
 
 Per class of the industrial set (every class is unseen here: nothing is fitted) and per draw,
 a random pool of good ``train`` images is drawn; for each bank size n the first n images of the
-pool form the bank (every position, then capped at ``coreset`` vectors per level), and the
+pool form the bank exactly as registration builds it (every position, capped at ``coreset``
+vectors per level by the two-level k-center of ``build_fold_banks``), and the
 class's test images (features extracted once) are scored against it exactly as the worker
 scores them. Records class-separated image AUROC per bank size and cap, with the split means of
 the accuracy benchmark's target classes, and the scoring time per image and the bank's build time (the coreset search).
@@ -22,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inspector.banks.register import raw_scores_against
+from inspector.banks.register import fold_of, raw_scores_against
 from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
-from inspector.model.bank import build_bank
+from inspector.model.bank import build_fold_banks
 from trainer import metrics
 from trainer.data import ImageCache, list_classes, list_samples
 from trainer.features import extract_features
@@ -87,7 +88,7 @@ def main() -> int:
                     continue
                 for cap in coresets:
                     t0 = time.perf_counter()
-                    bank = build_bank([f[:n] for f in pool_feats], cap, seed=draw)
+                    bank, _ = build_fold_banks([f[:n] for f in pool_feats], fold_of(n, draw), cap, seed=draw)
                     build_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     scores = raw_scores_against(model, test_feats, bank)

@@ -65,7 +65,8 @@ def prepare(workdir: Path, artifact: str | None, device: str) -> tuple[Path, Pat
     store = open_store(f"file://{workdir / 'banks'}")
     for p in PRODUCTS:
         images = read_shots([data / p / "train" / "good"], model.input_size)
-        reg = register_product(model, card.signature, card.model_id, p, images, model.cfg.bank.shots)
+        reg = register_product(model, card.signature, card.model_id, p, images, model.cfg.bank.images, model.cfg.bank.coreset,
+                               min_images=model.cfg.bank.shots)
         store.put("1", encode_bank(reg.bank, reg.meta), reg.meta)
     frames = []
     for p in PRODUCTS:

@@ -117,7 +117,8 @@ def prepare(work: Path, size: int, redis_url: str) -> tuple[Path, Path]:
     store = open_store(redis_url)
     for p in PRODUCTS:
         images = read_shots([data / p / "train" / "good"], model.input_size)
-        reg = register_product(model, card.signature, card.model_id, p, images, model.cfg.bank.shots)
+        reg = register_product(model, card.signature, card.model_id, p, images, model.cfg.bank.images, model.cfg.bank.coreset,
+                               min_images=model.cfg.bank.shots)
         store.put(LINE, encode_bank(reg.bank, reg.meta), reg.meta)
     store.close()
     return work / "model", data

@@ -23,12 +23,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.export import Dim, export
 
 from inspector.artifact import ModelCard, load_artifact
 from inspector.engine import ProgramKey, bank_capacity, default_program_path, runtime_version
 from inspector.model import InspectionModel
-from inspector.model.bank import build_bank, stack_banks
+from inspector.model.bank import BANK_DTYPE, ProductBank, stack_banks
 from inspector.model.serving import OUTPUT_NAMES, ServingGraph, input_names
 
 ONNX_OPSET = 18  # the dynamo exporter's default opset; onnxruntime >= 1.14 and trtexec 8.6+ read it
@@ -39,15 +40,20 @@ class CompileError(RuntimeError):
 
 
 def example_inputs(model: InspectionModel, batch: int, products: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Flat serving inputs of the right shapes: random frames and a random bank at full capacity."""
+    """Flat serving inputs of the right shapes: random frames and random banks at full capacity.
+
+    Every product's bank is its own random unit vectors (and prototype), so routing has a clear
+    winner: products with equal prototypes would tie, and runtimes may break ties differently.
+    """
     gen = torch.Generator().manual_seed(seed)
     size = model.input_size
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
-    shots = max(2, model.cfg.bank.shots)
-    feats = [torch.randn(shots, c, h, w, generator=gen) for c, (h, w) in zip(model.channels, model.grids)]
-    banks = [build_bank([f.roll(p, 0) for f in feats], model.cfg.bank.coreset).with_stats(0.0, 1.0)
-             for p in range(products)]
-    bank = stack_banks(banks, bank_capacity(model))
+    capacity = bank_capacity(model)
+    banks = [ProductBank(tuple(F.normalize(torch.randn(n, c, generator=gen), dim=1).to(BANK_DTYPE)
+                               for n, c in zip(capacity, model.channels)),
+                         F.normalize(torch.randn(model.channels[-1], generator=gen), dim=0),
+                         torch.tensor([0.0, 1.0])) for _ in range(products)]
+    bank = stack_banks(banks, capacity)
     hint = torch.full((batch,), -1, dtype=torch.long)
     return (images, hint, bank.prototypes, bank.stats, *bank.features)
 

@@ -66,8 +66,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help="query images per step")
     p.add_argument("--images-per-class", type=int, help="normal images loaded per class")
     p.add_argument("--input-size", type=int, help="model input size S")
-    p.add_argument("--shots", type=int, help="reference shots per product")
-    p.add_argument("--coreset", type=int, help="cap on bank vectors per level")
+    p.add_argument("--shots", type=int, help="fewest good images a product is registered from; the flow's query "
+                                              "banks and the plain-distance baseline use this many (default 4)")
+    p.add_argument("--bank-images", type=int, help="most good images in a product's bank (default 64)")
+    p.add_argument("--coreset", type=int, help="cap on bank vectors per level (default 1024)")
     p.add_argument("--calibration", choices=("cada", "bank", "none"),  # model.config.CALIBRATION_MODES
                    help="shipped calibration mode (default bank: each product's own normal statistics)")
     p.add_argument("--scoring", choices=("select", "distance", "flow"),  # "select" + model.config.SCORINGS
@@ -137,7 +139,8 @@ def model_config_from(args: argparse.Namespace):
     cfg = ModelConfig()
     if args.input_size:
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=args.input_size))
-    bank = {k: v for k, v in (("shots", args.shots), ("coreset", args.coreset)) if v is not None}
+    bank = {k: v for k, v in (("shots", args.shots), ("images", args.bank_images), ("coreset", args.coreset))
+            if v is not None}
     if bank:
         cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, **bank))
     scoring = args.scoring if args.scoring != "select" else None

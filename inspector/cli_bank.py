@@ -28,15 +28,16 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser(
         "add", help="register a product from its good images (30 or more recommended)",
-        description="Register a product from its good images. The most diverse --shots of them form the "
-                    "reference bank; every other image is scored against that bank to measure the product's "
-                    "normal score statistics, which put it on the line's one threshold scale. Give 30 or more "
-                    "good images: with fewer the statistics are uncertain (with only the shots they come from "
-                    "leave-one-out scores and the product's threshold holds only once the stream or feedback "
-                    "has refined them).")
+        description="Register a product from its good images. Up to --bank-images of them (the most diverse "
+                    "when more are given) form the reference bank, reduced to a coreset per level; every image "
+                    "is scored against a bank that does not contain it (the other folds of a 5-fold split) to "
+                    "measure the product's normal score statistics, which put it on the line's one threshold "
+                    "scale. Give 30 to 64 good images: more images in the bank find more defects, and with "
+                    "fewer than 30 the statistics are uncertain until the stream or feedback has refined them.")
     common(p)
     p.add_argument("images", nargs="+", help="image files or folders of good images (30 or more recommended)")
-    p.add_argument("--shots", type=int, help="images kept in the bank (default: the model's, usually 4)")
+    p.add_argument("--bank-images", type=int, help="most images kept in the bank (default: the model's, 64)")
+    p.add_argument("--shots", type=int, help="fewest distinct good images accepted (default: the model's, 4)")
     p.add_argument("--coreset", type=int, help="cap on bank vectors per level (greedy k-center)")
     p.add_argument("--artifact", help="model artifact (default: the line config's engine.artifact)")
     p.add_argument("--seed", type=int, default=0)
@@ -121,24 +122,38 @@ def _load_model(cfg):
 
 
 def _add(args, cfg, store) -> int:
-    from .banks import encode_bank
+    from .banks import BankError, encode_bank
     from .banks.register import read_shots, register_product
 
     t0 = time.perf_counter()
     model, card = _load_model(cfg)
-    shots = args.shots or card.model_config.bank.shots
-    coreset = args.coreset if args.coreset is not None else card.model_config.bank.coreset
+    from .engine import bank_capacity
+
+    bank_cfg = card.model_config.bank
+    shots = args.shots if args.shots is not None else bank_cfg.shots
+    bank_images = args.bank_images if args.bank_images is not None else bank_cfg.images
+    coreset = args.coreset if args.coreset is not None else bank_cfg.coreset
+    for name, value in (("--shots", shots), ("--bank-images", bank_images), ("--coreset", coreset)):
+        if value is not None and value < 1:
+            raise BankError("bad_argument", f"{name} must be a positive count, got {value}")
     images = read_shots(args.images, model.input_size)
     say = lambda msg: print(f"[bank] {msg}", file=sys.stderr)  # noqa: E731
-    reg = register_product(model, card.signature, card.model_id, args.product, images, shots, coreset,
-                           args.seed, progress=say)
+    reg = register_product(model, card.signature, card.model_id, args.product, images, bank_images, coreset,
+                           args.seed, progress=say, min_images=shots)
+    capacity = bank_capacity(model)
+    over = [(n, f.shape[0], c) for n, (f, c) in enumerate(zip(reg.bank.features, capacity), start=1) if f.shape[0] > c]
+    if over:
+        raise BankError("bank_too_large", "the bank would not fit the model's compiled capacity ("
+                        + ", ".join(f"level {n}: {got} vectors, capacity {c}" for n, got, c in over)
+                        + f"): register with --bank-images {bank_cfg.images} or fewer, or --coreset {min(capacity)}")
     if reg.meta.candidates > len(reg.chosen):
-        say(f"picked the {len(reg.chosen)} most diverse of {reg.meta.candidates} images: {', '.join(reg.chosen)}")
+        say(f"picked the {len(reg.chosen)} most diverse of {reg.meta.candidates} images for the bank; the others "
+            f"were scored against it")
     version, epoch = store.put(args.line, encode_bank(reg.bank, reg.meta), reg.meta)
     normal = reg.meta.normal
     print(f"registered {args.product} version {version} on line {args.line} (epoch {epoch}) in "
-          f"{time.perf_counter() - t0:.1f}s: {reg.meta.shots} shots, {reg.meta.nbytes / 2**20:.2f} MiB, "
-          f"normal statistics from {normal['count']} {normal['scored'].replace('_', '-')} scores "
+          f"{time.perf_counter() - t0:.1f}s: {reg.meta.shots} images in the bank, {reg.meta.nbytes / 2**20:.2f} MiB, "
+          f"normal statistics from {normal['count']} scores, {_how(normal)} "
           f"(u {reg.meta.u:.4f}, gamma {reg.meta.gamma:.4f}), store {store.url}")
     if normal["thin"]:
         say(f"warning: only {normal['count']} good-image scores behind {args.product}'s statistics: its threshold is "
@@ -220,7 +235,7 @@ def _show(args, cfg, store) -> int:
     print(f"product     {meta.product} (line {args.line}, version {meta.version}; stored {versions})")
     print(f"built       {meta.created_at} with model {meta.model_id}")
     print(f"signature   {meta.signature}")
-    print(f"shots       {meta.shots} of {meta.candidates or meta.shots} offered; coreset {meta.coreset}")
+    print(f"bank        {meta.shots} images of {meta.candidates or meta.shots} offered; coreset {meta.coreset}")
     for im in meta.images:
         print(f"            {im['name']}  sha256 {im['sha256'][:16]}")
     print("levels      " + ", ".join(f"{n} x {c}" for n, c in meta.levels) + f"  ({meta.nbytes / 2**20:.2f} MiB fp16)")
@@ -236,9 +251,19 @@ def _show(args, cfg, store) -> int:
 def _stats_line(reg, meta) -> str:
     if not isinstance(meta.normal, dict):
         return "leave-one-out map mean and max of the shots: registered before normal statistics existed"
-    how = meta.normal.get("scored", "held_out").replace("_", "-")
+    how = _how(meta.normal)
     warn = "; THIN: threshold uncertain until the stream or feedback refines it" if reg.thin else ""
-    return f"{reg.method}, {reg.count} {how} scores{warn}"
+    return f"{reg.method}, {reg.count} scores, {how}{warn}"
+
+
+def _how(normal: dict) -> str:
+    """How a registration's scores were obtained, in words."""
+    scored = normal.get("scored", "held_out")
+    if scored not in ("cross_fold", "leave_one_out") or "folds" not in normal:
+        return scored.replace("_", "-")  # banks registered before the bank held every image
+    held = normal.get("held_out", 0)
+    how = "leave-one-out" if scored == "leave_one_out" else f"cross-scored in {normal['folds']} folds"
+    return how + (f", {held} against the served bank" if held else "")
 
 
 def _remove(args, cfg, store) -> int:

@@ -43,9 +43,10 @@ class EngineSettings:
 
 
 def bank_capacity(model: InspectionModel) -> tuple[int, ...]:
-    """Vectors per level a bank may hold: every position of ``shots`` images, or the coreset cap."""
-    shots, cap = model.cfg.bank.shots, model.cfg.bank.coreset
-    full = [shots * h * w for h, w in model.grids]
+    """Vectors per level a bank may hold: every position of the bank's most ``images``, or the
+    coreset cap."""
+    images, cap = model.cfg.bank.images, model.cfg.bank.coreset
+    full = [images * h * w for h, w in model.grids]
     return tuple(min(f, cap) if cap else f for f in full)
 
 

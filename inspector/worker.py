@@ -124,9 +124,9 @@ class Worker:
     def _warm_up(self) -> None:
         """Run every batch size once on a synthetic bank so the first real batch is not slow."""
         model = self.engine.model
-        feats = [torch.randn(2, c, h, w) for c, (h, w) in zip(model.channels, model.grids)]
-        bank = build_bank(feats).with_stats(0.0, 1.0)
-        meta = BankMeta("warmup", "", 2, [], [list(f.shape) for f in bank.features], 0.0, 1.0, "", "")
+        feats = [torch.randn(1, c, h, w) for c, (h, w) in zip(model.channels, model.grids)]
+        bank = build_bank(feats, model.cfg.bank.coreset).with_stats(0.0, 1.0)  # within any capacity
+        meta = BankMeta("warmup", "", 1, [], [list(f.shape) for f in bank.features], 0.0, 1.0, "", "")
         snap = build_snapshot(0, {"warmup": (bank, meta)}, self.watcher.capacity, self.cfg.banks.capacity_products)
         size = model.input_size
         t0 = time.perf_counter()

@@ -57,21 +57,20 @@ def test_add_list_show_export_import_remove(capsys, artifact, good_images, store
     code, out, err = run(capsys, "bank", "add", *base, "--product", "valve-b", "--artifact", str(artifact),
                          str(good_images))
     assert code == 0, err
-    assert "registered valve-b version 1" in out and "4 shots" in out
-    assert "picked the 4 most diverse of 6 images" in err
+    assert "registered valve-b version 1" in out and "6 images in the bank" in out  # all 6: up to 64 enter it
 
     code, out, _ = run(capsys, "bank", "list", *base, "--json")
     listing = json.loads(out)
     assert code == 0 and listing["epoch"] == 1
-    assert [(p["product"], p["version"], p["shots"]) for p in listing["products"]] == [("valve-b", 1, 4)]
+    assert [(p["product"], p["version"], p["shots"]) for p in listing["products"]] == [("valve-b", 1, 6)]
 
     code, out, _ = run(capsys, "bank", "show", *base, "--product", "valve-b", "--json")
     shown = json.loads(out)
-    assert code == 0 and shown["candidates"] == 6 and len(shown["images"]) == 4
+    assert code == 0 and shown["candidates"] == 6 and len(shown["images"]) == 6
     assert shown["gamma"] > shown["u"] and shown["signature"].startswith("resnet18@random:64")
     code, out, _ = run(capsys, "bank", "show", *base, "--product", "valve-b")
     assert "registered  u" in out and "signature" in out
-    assert "2 held-out scores" in out and "THIN" in out  # 6 images: 4 shots, 2 cross-scored
+    assert "6 scores, cross-scored in 5 folds" in out and "THIN" in out  # 6 images, all in the bank
 
     exported = tmp_path / "valve-b.bank"
     code, out, _ = run(capsys, "bank", "export", *base, "--product", "valve-b", "--out", str(exported))
@@ -146,7 +145,7 @@ def test_registration_inputs_are_checked_and_nothing_is_written(capsys, artifact
     (copies / "other.png").write_bytes((good_images / "good_3.png").read_bytes())
     code, _, err = run(capsys, "bank", "add", *base, "--product", "x", "--artifact", str(artifact),
                        "--shots", "3", str(copies))
-    assert code == 2 and "2 distinct good images for a bank of 3 shots (2 duplicates left out)" in err
+    assert code == 2 and "2 distinct good images, fewer than the 3 a product needs (2 duplicates left out)" in err
     code, _, err = run(capsys, "bank", "show", *base, "--product", "x")
     assert code == 3  # nothing was written
     code, out, err = run(capsys, "bank", "add", *base, "--product", "dup", "--artifact", str(artifact),
@@ -165,3 +164,21 @@ def test_registration_inputs_are_checked_and_nothing_is_written(capsys, artifact
     code, _, err = run(capsys, "bank", "add", *base, "--product", "blank", "--artifact", str(artifact),
                        "--shots", "2", str(same))
     assert code == 0 and "scored almost identically" in err, err
+
+
+def test_bank_images_and_capacity(capsys, artifact, good_images, store_url) -> None:
+    """``--bank-images`` caps the images in the bank (the rest are scored against it); a bank that
+    would not fit the model's fixed capacity (64 px: 256 level-1 positions per image, capacity
+    1024 vectors) is refused before anything is written."""
+    base = ("--line", "3", "--store", store_url)
+    code, out, err = run(capsys, "bank", "add", *base, "--product", "two", "--artifact", str(artifact),
+                         "--bank-images", "2", str(good_images))
+    assert code == 0 and "2 images in the bank" in out and "picked the 2 most diverse of 6" in err, err
+    assert "leave-one-out, 4 against the served bank" in out  # 2 bank images: each against the other
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "big", "--artifact", str(artifact),
+                       "--coreset", "2048", str(good_images))
+    assert code == 2 and "level 1: 1536 vectors, capacity 1024" in err, err
+    assert run(capsys, "bank", "show", *base, "--product", "big")[0] == 3  # nothing was written
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "neg", "--artifact", str(artifact),
+                       "--bank-images", "0", str(good_images))
+    assert code == 2 and "--bank-images must be a positive count" in err, err

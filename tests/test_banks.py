@@ -109,7 +109,7 @@ def registered(model: InspectionModel):
     """Blobs for three products, built once."""
     out = {}
     for seed, name in enumerate(("valve-a", "valve-b", "valve-c")):
-        reg = register_product(model, SIGNATURE, "m0", name, shots(seed), shots=4)
+        reg = register_product(model, SIGNATURE, "m0", name, shots(seed), bank_images=4)
         out[name] = (encode_bank(reg.bank, reg.meta), reg)
     return out
 
@@ -196,7 +196,7 @@ def test_mutated_blobs_never_crash(registered, pos: int, value: int, cut: bool) 
 def test_more_images_than_shots_keeps_diverse_ones(model) -> None:
     """Two visually different groups; k=2 must take one image of each, not two near-copies."""
     images = shots(0, 4) + shots(5, 4)
-    reg = register_product(model, SIGNATURE, "m0", "mixed", images, shots=2)
+    reg = register_product(model, SIGNATURE, "m0", "mixed", images, bank_images=2)
     groups = {name.split("_")[0] for name in reg.chosen}
     assert groups == {"p0", "p5"} and reg.meta.candidates == 8 and reg.meta.shots == 2
 
@@ -205,11 +205,13 @@ def test_pick_diverse_keeps_all_when_few() -> None:
     assert pick_diverse(torch.rand(3, 8, 2, 2), 4) == [0, 1, 2]
 
 
-def test_registration_needs_two_shots(model) -> None:
-    with pytest.raises(BankError, match="at least 2"):
-        register_product(model, SIGNATURE, "m0", "one", shots(0, 1), shots=4)
+def test_registration_needs_enough_images(model) -> None:
+    with pytest.raises(BankError, match="1 distinct good images, fewer than the 4 a product needs"):
+        register_product(model, SIGNATURE, "m0", "one", shots(0, 1), bank_images=4)
+    with pytest.raises(BankError, match="fewer than the 2 a product needs"):  # never below 2: one image has no cross-score
+        register_product(model, SIGNATURE, "m0", "one", shots(0, 1), bank_images=8, min_images=1)
     with pytest.raises(BankError, match="must match"):
-        register_product(model, SIGNATURE, "m0", "bad name!", shots(0), shots=4)
+        register_product(model, SIGNATURE, "m0", "bad name!", shots(0), bank_images=4)
 
 
 # -- stores (both) ---------------------------------------------------------------------------------

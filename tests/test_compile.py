@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
     for cls in ("ball_screw", "pcb"):
         shots = read_shots(sorted((REAL_DATA / cls / "train" / "good").iterdir())[:4], SIZE)
         feats = extract(model, np.stack([s.pixels for s in shots]))
-        bank = build_bank(feats).with_stats(0.1, 0.3)
+        bank = build_bank(feats, model.cfg.bank.coreset).with_stats(0.1, 0.3)
         meta = BankMeta(cls, card.signature, 4, [], [list(f.shape) for f in bank.features], float(bank.stats[0]),
                         float(bank.stats[1]), card.model_id, "")
         banks[cls] = (bank, meta)
@@ -80,7 +80,7 @@ def test_onnx_matches_eager_on_real_images_and_the_worker_checks_its_key(setup, 
     artifact, model, card, snap, frames = setup
     path, key, report = compile_program(artifact, "onnx", [1, 2, 4, 8], "fp32", PRODUCTS, out=tmp_path / "m.onnx",
                                         say=lambda _m: None)
-    assert all(v["map_max_abs"] <= ATOL for v in report.values())
+    assert all(v["map_max_abs"] <= ATOL for v in report.values()), report
     eager = Engine(*load_artifact(artifact), EngineSettings(device="cpu"))
     onnx = Engine(*load_artifact(artifact), EngineSettings(device="cpu", backend="onnx", compiled=str(path),
                                                            batch_sizes=(1, 4), products=PRODUCTS))

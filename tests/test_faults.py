@@ -424,7 +424,7 @@ def _foreign_bank(model, card, product: str) -> tuple[bytes, object]:
     assert other_signature != card.signature
     rng = np.random.default_rng(1)
     shots = [ShotImage(f"{product}{k}", f"{k:064d}", (rng.random((64, 64, 3)) * 255).astype(np.uint8)) for k in range(3)]
-    reg = register_product(model, other_signature, "other-model", product, shots, shots=3)
+    reg = register_product(model, other_signature, "other-model", product, shots, bank_images=3)
     return encode_bank(reg.bank, reg.meta), reg.meta
 
 

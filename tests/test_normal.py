@@ -29,10 +29,10 @@ from inspector.banks.normal import (
     raw_from_calibrated,
     scale_of,
 )
-from inspector.banks.register import ShotImage, cross_scores, extract, register_features, register_product
+from inspector.banks.register import ShotImage, extract, fold_of, register_features, register_product
 from inspector.banks.watcher import BankWatcher
 from inspector.model import InspectionModel
-from inspector.model.bank import build_bank, stack_banks
+from inspector.model.bank import build_fold_banks, position_vectors, stack_banks
 
 from .conftest import tiny_config
 
@@ -237,24 +237,53 @@ def images(n: int, seed: int = 0) -> list[ShotImage]:
             for i in range(n)]
 
 
+def rows_of(bank_level: torch.Tensor, level: torch.Tensor) -> set[int]:
+    """The images (rows of ``level``) whose position vectors appear in ``bank_level``, by exact match."""
+    vectors = position_vectors(level).to(bank_level.dtype)  # (N, HW, C), as the bank stores them
+    hits = (vectors.flatten(0, 1)[:, None, :] == bank_level[None]).all(-1).any(-1)  # (N*HW,)
+    return {int(i) for i in torch.nonzero(hits).flatten() // vectors.shape[1]}
+
+
 def test_cross_scoring_never_scores_an_image_against_a_bank_that_contains_it(model: InspectionModel) -> None:
-    imgs = images(10)
+    """12 images, at most 8 in the bank with a coreset of 64 vectors per level: the 8 are scored
+    5-fold, each against a bank whose every vector comes from an image outside its fold, and the 4
+    left out against the served bank. Scores match re-scoring to 1e-5 (same arithmetic, batched)."""
+    imgs = images(12)
     feats = extract(model, np.stack([im.pixels for im in imgs]))
-    reg = register_features(model, "p", feats, shots=4)
-    held = [i for i in range(10) if i not in reg.keep]
-    assert reg.scored == "held_out" and reg.normal.count == len(held) == 6
-    for j, i in enumerate(held):  # each score is the image against the 4-shot bank, which excludes it
-        alone = model.raw_scores([f[i : i + 1] for f in feats], stack_banks([build_bank([f[reg.keep] for f in feats])]),
-                                 torch.zeros(1, dtype=torch.long))
+    reg = register_features(model, "p", feats, bank_images=8, coreset=64)
+    assert reg.scored == {"scored": "cross_fold", "folds": 5, "held_out": 4} and reg.normal.count == 12
+    folds = fold_of(len(reg.keep))
+    served, fold_banks = build_fold_banks([f[reg.keep] for f in feats], folds, 64)
+    assert all(a.shape[0] == 64 for a in served.features)
+    assert all(torch.equal(a, b) for a, b in zip(served.features, reg.bank.features))
+    hint = torch.zeros(1, dtype=torch.long)
+    for pos, i in enumerate(reg.keep):
+        bank = fold_banks[folds[pos]]
+        outside = {reg.keep[p] for p in range(len(reg.keep)) if folds[p] != folds[pos]}
+        for level, f in zip(bank.features, feats):
+            found = rows_of(level, f)
+            assert i not in found and found <= outside and found  # only other folds' images
+        alone = model.raw_scores([f[i : i + 1] for f in feats], stack_banks([bank]), hint)
+        assert reg.normal.registration[pos] == pytest.approx(float(alone[0]), rel=1e-5)
+    held = [i for i in range(12) if i not in reg.keep]
+    for j, i in enumerate(held, start=len(reg.keep)):
+        alone = model.raw_scores([f[i : i + 1] for f in feats], stack_banks([reg.bank]), hint)
         assert reg.normal.registration[j] == pytest.approx(float(alone[0]), rel=1e-5)
-        own = build_bank([f[reg.keep + [i]] for f in feats])  # with the image in the bank it scores lower
-        inside = model.raw_scores([f[i : i + 1] for f in feats], stack_banks([own]), torch.zeros(1, dtype=torch.long))
-        assert float(inside[0]) < reg.normal.registration[j]
     assert tuple(reg.bank.stats.tolist()) == pytest.approx((reg.normal.u, reg.normal.gamma))
 
 
+def test_every_image_enters_the_bank_up_to_the_cap(model: InspectionModel) -> None:
+    """Without a cap on images, the bank's vectors come from all of them (the coreset keeps
+    vectors of every image here: 10 random-texture images, 64 vectors per level)."""
+    imgs = images(10)
+    feats = extract(model, np.stack([im.pixels for im in imgs]))
+    reg = register_features(model, "p", feats, bank_images=64, coreset=256)
+    assert reg.keep == list(range(10)) and reg.scored["held_out"] == 0
+    assert rows_of(reg.bank.features[0], feats[0]) == set(range(10))
+
+
 def test_only_the_shots_fall_back_to_leave_one_out_and_say_so(model: InspectionModel) -> None:
-    reg = register_product(model, SIGNATURE, "m0", "p", images(4), shots=4)
+    reg = register_product(model, SIGNATURE, "m0", "p", images(4), bank_images=4)
     assert reg.meta.normal["scored"] == "leave_one_out" and reg.meta.normal["count"] == 4
     assert reg.meta.normal["thin"] is True
 
@@ -268,7 +297,7 @@ def store(request, tmp_path: Path, redis_url: str, redis_prefix: str):
 
 
 def put_product(store, model: InspectionModel, name: str = "p", seed: int = 0) -> tuple[int, object]:
-    reg = register_product(model, SIGNATURE, "m0", name, images(8, seed), shots=4)
+    reg = register_product(model, SIGNATURE, "m0", name, images(8, seed), bank_images=4)
     version, _ = store.put("3", encode_bank(reg.bank, reg.meta), reg.meta)
     return version, reg
 

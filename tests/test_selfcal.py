@@ -45,7 +45,7 @@ def setup(tmp_path: Path):
     store = open_store(f"file://{tmp_path / 'banks'}")
     good = product_images(40, 0, 60)
     shots = [ShotImage(f"g{i}.png", f"{i:064d}", im) for i, im in enumerate(good[:12])]
-    reg = register_product(model, card.signature, card.model_id, "valve-a", shots, shots=4)
+    reg = register_product(model, card.signature, card.model_id, "valve-a", shots, bank_images=4)
     store.put(LINE, encode_bank(reg.bank, reg.meta), reg.meta)
     store.close()
     return tmp_path, model, good
@@ -110,7 +110,7 @@ def metric(text: str, name: str, product: str) -> float:
 
 
 def test_metrics_show_statistics_and_flag_thin_ones(setup) -> None:
-    """12 images, 4 shots: 8 cross-scored scores, fewer than RELIABLE_COUNT, so the product is
+    """12 images, 4 in the bank: 12 cross-scored scores, fewer than RELIABLE_COUNT, so the product is
     flagged thin on /metrics with the statistics it is served by."""
     base, _, good = setup
     ln = Line(config(base, **{"calibration.stream": False}))
@@ -118,7 +118,7 @@ def test_metrics_show_statistics_and_flag_thin_ones(setup) -> None:
         stream(ln, good[12:14], "m")
         text = ln.worker.metrics.render().decode()
         served = ln.worker.calibration.current("valve-a")
-        assert served.thin and served.measured and served.count == 8
+        assert served.thin and served.measured and served.count == 12
         assert metric(text, "inspector_calibration_thin", "valve-a") == 1.0
         assert metric(text, "inspector_calibration_u", "valve-a") == pytest.approx(served.u)
         assert metric(text, "inspector_calibration_gamma", "valve-a") == pytest.approx(served.gamma)
@@ -132,7 +132,7 @@ def test_a_bank_from_before_measured_statistics_is_served_and_flagged(setup, cap
     base, model, good = setup
     store = open_store(f"file://{base / 'banks'}")
     reg = register_product(model, "x", "m0", "valve-b", [ShotImage(f"o{i}", f"{i:064d}", im)
-                                                          for i, im in enumerate(good[:4])], shots=4)
+                                                          for i, im in enumerate(good[:4])], bank_images=4)
     from inspector.artifact import read_card
 
     card = read_card(base / "model")
@@ -208,13 +208,13 @@ def test_served_score_equals_the_evaluation_score(setup) -> None:
 
     card = read_card(base / "model")
     feats = extract(model, np.stack(good[:12]))
-    reg = register_features(model, "valve-a", feats, shots=4)
+    reg = register_features(model, "valve-a", feats, bank_images=4)
     queries = np.stack(good[20:26])
     raw = raw_scores_against(model, extract(model, queries), reg.bank)
     expected = calibrated(raw, reg.normal.u, reg.normal.gamma)
     meta = dataclasses.replace(register_product(model, card.signature, card.model_id, "valve-a",
                                                 [ShotImage(str(i), f"{i:064d}", im) for i, im in enumerate(good[:12])],
-                                                shots=4).meta, version=1)
+                                                bank_images=4).meta, version=1)
     engine = Engine(card_model, card, EngineSettings(device="cpu"))
     snap = build_snapshot(1, {"valve-a": (reg.bank, meta)}, bank_capacity(model), 2)
     served = engine.infer(queries, ["valve-a"] * len(queries), snap, maps=False)
@@ -240,7 +240,8 @@ def test_a_defect_burst_of_real_frames_does_not_move_the_threshold(tmp_path: Pat
     card = save_artifact(model, tmp_path / "model", "0" * 64, training={"thresholds": {"bank": 1.0}})
     goods = sorted((root / "train" / "good").iterdir())
     images = read_shots(goods[:30], 128)
-    reg = register_product(model, card.signature, card.model_id, "ball_screw", images, shots=4)
+    reg = register_product(model, card.signature, card.model_id, "ball_screw", images, bank_images=4,
+                           coreset=model.cfg.bank.coreset)
     store = open_store(f"file://{tmp_path / 'banks'}")
     version, _ = store.put(LINE, encode_bank(reg.bank, reg.meta), reg.meta)
     snap = build_snapshot(1, {"ball_screw": (reg.bank, reg.meta.with_version(version))}, bank_capacity(model), 1)

@@ -58,7 +58,7 @@ def test_eval_reports_every_mode_and_the_mixed_pool(trained: tuple[Path, Path], 
         assert 0.0 <= mixed["image_auroc"]["mean"] <= 1.0 and mixed["image_auroc"]["n"] == 2
         assert "aupro" in summary[mode]["per_class"]["weave"]
     assert "false_reject_rate" in summary["cada"]["mixed"] and "false_reject_rate" not in summary["baseline"]["mixed"]
-    assert len(report["shot_files"]) == 2 and len(report["shot_files"][0]["weave"]) == 4
+    assert len(report["shot_files"]) == 2 and len(report["shot_files"][0]["weave"]) == 6  # all 6 in the bank
     for name in ("scores.png", "heatmaps.png", "roc_mixed.png", "stream.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "heatmaps.png" in (tmp_path / "index.html").read_text()

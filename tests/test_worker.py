@@ -45,7 +45,7 @@ def line_setup(tmp_path_factory):
     for i, name in enumerate(("valve-a", "valve-b")):
         shots = [ShotImage(f"{name}{k}", f"{i}{k:063d}", (rng.random((64, 64, 3)) * 80 + 60 * i).astype(np.uint8))
                  for k in range(3)]
-        reg = register_product(model, card.signature, card.model_id, name, shots, shots=3)
+        reg = register_product(model, card.signature, card.model_id, name, shots, bank_images=3)
         store.put("7", encode_bank(reg.bank, reg.meta), reg.meta)
     return base
 

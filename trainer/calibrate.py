@@ -164,7 +164,7 @@ def holdout_scores(
         for mat in classes:
             n = mat.fit[0].shape[0]
             images = select(mat.fit, np.sort(rng.choice(n, size=min(n, cfg.registration_images), replace=False)))
-            reg = register_features(model, mat.name, images, model.cfg.bank.shots, model.cfg.bank.coreset)
+            reg = register_features(model, mat.name, images, model.cfg.bank.images, model.cfg.bank.coreset)
             banks.append(reg.bank)
         stacked = stack_banks(banks)
         for c, mat in enumerate(classes):

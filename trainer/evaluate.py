@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from inspector.artifact import ModelCard
 from inspector.banks.normal import NormalStats, StreamConfig
-from inspector.banks.register import RegisteredFeatures, raw_scores_against, register_features
+from inspector.banks.register import RegisteredFeatures, pick_diverse, raw_scores_against, register_features
 from inspector.model import InspectionModel, stack_banks
+from inspector.model.bank import ProductBank, build_bank
 from inspector.model.calibration import top_fraction_count
 from inspector.model.config import CALIBRATION_MODES
 
@@ -98,6 +99,7 @@ class DrawClass:
     """One class's registration in a draw: what the stream simulation starts from."""
 
     registered: RegisteredFeatures
+    baseline: ProductBank  # the plain distance's bank: the k most diverse of the registration images
     shot_features: list[torch.Tensor]  # the k shots' features (leave-one-out start of the stream)
     unused: list[Any]  # train/good samples not used for registration (the stream's good frames)
 
@@ -106,40 +108,48 @@ class DrawClass:
 def register_draw(
     model: InspectionModel, root: str | Path, classes: Sequence[str], rng: np.random.Generator,
     images: int | None = None,
-) -> tuple[Any, list[list[str]], list[DrawClass]]:
+) -> tuple[Any, Any, list[list[str]], list[DrawClass]]:
     """Register every class from ``images`` random train/good images as ``bank add`` does.
 
     Returns:
-        stacked banks (calibrated by cross-scored normal statistics), the shots' file names per
-        class, and per class what the stream simulation needs.
+        stacked banks (calibrated by cross-scored normal statistics), stacked k-shot banks of the
+        plain-distance baseline (the k most diverse of the same images), the bank images' file
+        names per class, and per class what the stream simulation needs.
     """
     k = model.cfg.bank.shots
     n_images = max(k, images or k)
-    banks, shot_names, info = [], [], []
+    banks, baselines, shot_names, info = [], [], [], []
     for cls in classes:
         pool = list_samples(root, cls, "train")
         chosen = sorted(rng.choice(len(pool), size=min(n_images, len(pool)), replace=False))
         picked = [pool[i] for i in chosen]
         cache = ImageCache.load(picked, model.input_size)
         feats = [f.float() for f in extract_features(model, cache.images, progress=False)]
-        reg = register_features(model, cls, feats, k, model.cfg.bank.coreset)
+        reg = register_features(model, cls, feats, model.cfg.bank.images, model.cfg.bank.coreset)
+        shots = pick_diverse(feats[-1], k)
+        baseline = build_bank([f[shots] for f in feats], model.cfg.bank.coreset)
         banks.append(reg.bank)
+        baselines.append(baseline)
         shot_names.append([picked[i].path.name for i in reg.keep])
         used = set(chosen)
-        info.append(DrawClass(reg, [f[reg.keep] for f in feats], [p for i, p in enumerate(pool) if i not in used]))
-    return stack_banks(banks), shot_names, info
+        info.append(DrawClass(reg, baseline, [f[shots] for f in feats], [p for i, p in enumerate(pool) if i not in used]))
+    return stack_banks(banks), stack_banks(baselines), shot_names, info
 
 
 @torch.no_grad()
-def run_draw(model: InspectionModel, test: TestSet, bank: Any, batch: int, progress: bool) -> dict[str, np.ndarray]:
-    """Analyse every test image against the draw's banks; maps kept as float32 numpy."""
-    keys = ("raw", "nn", "product", "similarity", "cada_u", "cada_gamma", "bank_u", "bank_gamma")
-    out: dict[str, list] = {k: [] for k in keys}
+def run_draw(model: InspectionModel, test: TestSet, bank: Any, baseline: Any, batch: int,
+             progress: bool) -> dict[str, np.ndarray]:
+    """Analyse every test image against the draw's banks, and its plain distance map against the
+    baseline's k-shot banks; maps kept as float32 numpy."""
+    keys = ("raw", "product", "similarity", "cada_u", "cada_gamma", "bank_u", "bank_gamma")
+    out: dict[str, list] = {k: [] for k in (*keys, "nn")}
     n = len(test.labels)
     for start in tqdm(range(0, n, batch), desc="inspect", unit="batch", disable=not progress, leave=False):
-        a = model.analyse(select(test.features, range(start, min(n, start + batch))), bank)
-        for key, value in zip(keys, (a.raw_map[:, 0], a.nn_map[:, 0], a.product, a.route_similarity, *a.cada, *a.bank)):
+        feats = select(test.features, range(start, min(n, start + batch)))
+        a = model.analyse(feats, bank)
+        for key, value in zip(keys, (a.raw_map[:, 0], a.product, a.route_similarity, *a.cada, *a.bank)):
             out[key].append(value.numpy())
+        out["nn"].append(model.analyse(feats, baseline).nn_map[:, 0].numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -264,8 +274,8 @@ def evaluate(
     per_draw, shots, first, lines = [], [], None, []
     for d in tqdm(range(cfg.draws), desc="shot draws", unit="draw", disable=not progress):
         rng = np.random.default_rng(cfg.seed + d)
-        bank, names, info = register_draw(model, root, classes, rng, cfg.registration_images)
-        draw = run_draw(model, test, bank, cfg.batch, progress)
+        bank, baseline, names, info = register_draw(model, root, classes, rng, cfg.registration_images)
+        draw = run_draw(model, test, bank, baseline, cfg.batch, progress)
         record, scores = draw_metrics(test, draw, thresholds, cfg, fraction)
         per_draw.append(record)
         shots.append(dict(zip(classes, names)))
@@ -278,6 +288,8 @@ def evaluate(
         "target_classes": list(classes),
         "source_classes": card.training.get("source_classes"),
         "shots": model.cfg.bank.shots,
+        "bank_images": model.cfg.bank.images,
+        "coreset": model.cfg.bank.coreset,
         "config": asdict(cfg),
         "thresholds": thresholds,
         "counts": {c: {"normal": int(((test.class_of == i) & (test.labels == 0)).sum()),
@@ -302,7 +314,6 @@ def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray]
                                                            threshold, frr_target), "stream": {}}
     if not cfg.stream_frames:
         return out
-    raw = image_scores(draw["raw"], model.cfg.score.top_fraction)
     if any(not ci.unused for ci in info):  # every good image went into registration: nothing left to stream
         return out
     for c, (name, ci) in enumerate(zip(test.classes, info)):
@@ -312,11 +323,12 @@ def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray]
         good = ci.unused[: cfg.stream_frames]
         cache = ImageCache.load(good, model.input_size)
         feats = extract_features(model, cache.images, progress=False)
-        good_raw = raw_scores_against(model, feats, ci.registered.bank)
-        defect_raw = raw[sel & (test.labels == 1)]
+        good_raw = raw_scores_against(model, feats, ci.baseline)  # the stream starts from the k shots' bank
+        raw = raw_scores_against(model, test.features, ci.baseline, np.flatnonzero(sel))
+        defect_raw = raw[test.labels[sel] == 1]
         plan = line_eval.stream_plan(good_raw, defect_raw, cfg.stream_frames, cfg.stream_defect_rate, rng)
         out["stream"][name] = line_eval.simulate_stream(start, plan, threshold, StreamConfig(),
-                                                        test.labels[sel], raw[sel])
+                                                        test.labels[sel], raw)
         out["stream"][name]["start_count"] = start.count
     return out
 

@@ -1,9 +1,10 @@
 """Registering a product: its good images -> a reference bank and its normal statistics.
 
-``inspector bank add`` calls this. The shots in the bank are the most diverse of the offered
-images (greedy k-center on the images' global features), so the bank covers the product's
-variation instead of k near-duplicates; the other images are cross-scored against that bank to
-measure the product's normal score statistics (``inspector.banks.normal``).
+``inspector bank add`` calls this. The bank holds every position of up to the model's
+``bank.images`` good images (the most diverse, by greedy k-center on the images' global
+features, when more are offered), reduced to a coreset per level; every image is cross-scored
+against a bank that does not contain it to measure the product's normal score statistics
+(``inspector.banks.normal``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..decode import decode_image, pillow_to_rgb, resize_square
 from ..model import InspectionModel
-from ..model.bank import ProductBank, build_bank, greedy_k_center, prototype_of, stack_banks
+from ..model.bank import ProductBank, build_fold_banks, greedy_k_center, prototype_of, stack_banks
 from ..wire import FrameHeader
 from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, spread_is_floored
 from .record import BankError, BankMeta, check_name, content_digest
@@ -147,46 +148,78 @@ def raw_scores_against(model: InspectionModel, feats: Sequence[torch.Tensor], ba
     return np.concatenate(out)
 
 
+FOLDS = 5  # cross-scoring folds: every bank image is scored against a bank of the other 4/5
+
+
+def fold_of(count: int, seed: int = 0) -> list[int]:
+    """The cross-scoring fold of each of ``count`` >= 2 images: ``min(FOLDS, count)`` folds of
+    near-equal size, assigned in a seeded random order (with ``count <= FOLDS``: leave-one-out)."""
+    folds = min(FOLDS, count)
+    order = np.random.default_rng(seed).permutation(count)
+    out = [0] * count
+    for pos, i in enumerate(order):
+        out[int(i)] = pos % folds
+    return out
+
+
 @torch.no_grad()
 def cross_scores(model: InspectionModel, feats: Sequence[torch.Tensor], keep: Sequence[int],
-                 bank: ProductBank) -> tuple[np.ndarray, str]:
-    """Raw scores of a product's good images, none scored against a bank that contains it.
+                 coreset: int | None, seed: int = 0) -> tuple[ProductBank, np.ndarray, dict[str, object]]:
+    """The served bank of the ``keep`` images, and raw scores of every image, none of them scored
+    against a bank that contains it.
 
-    The images not kept as shots are scored against the served bank itself (exactly what the
-    worker will compute for them). With fewer than 2 of those, each shot is scored against a bank
-    of the other shots (leave-one-out), which says little about a product's spread.
+    The bank images are split into folds (``fold_of``); each is scored against a bank of the other
+    folds, built like the served bank (``build_fold_banks``). Images not in the bank are scored
+    against the served bank itself, exactly what the worker will compute for them.
 
     Returns:
-        ``(scores, how)``: raw image scores and ``"held_out"`` or ``"leave_one_out"``.
+        ``(bank, scores, how)``: the served bank, raw scores (bank images first, in ``keep`` order,
+        then the held-out images) and how they were obtained (``scored``, ``folds``, ``held_out``).
     """
-    held = [i for i in range(feats[0].shape[0]) if i not in set(keep)]
-    if len(held) < 2:
-        return model.leave_one_out_scores([f[list(keep)] for f in feats]).cpu().numpy(), "leave_one_out"
-    return raw_scores_against(model, feats, bank, held), "held_out"
+    keep = list(keep)
+    folds = fold_of(len(keep), seed)
+    bank_feats = [f[keep] for f in feats]
+    bank, fold_banks = build_fold_banks(bank_feats, folds, coreset, seed)
+    stacked = stack_banks(fold_banks)
+    parts = [np.zeros(0, dtype=np.float32)]
+    for start in range(0, len(keep), SCORE_BATCH):
+        rows = list(range(start, min(len(keep), start + SCORE_BATCH)))
+        hint = torch.as_tensor([folds[r] for r in rows], dtype=torch.long)
+        parts.append(model.raw_scores([f[rows].float() for f in bank_feats], stacked, hint).cpu().numpy())
+    inside = set(keep)
+    held = [i for i in range(feats[0].shape[0]) if i not in inside]
+    if held:
+        parts.append(raw_scores_against(model, feats, bank, held))
+    k = len(fold_banks)
+    how = {"scored": "leave_one_out" if k == len(keep) else "cross_fold", "folds": k, "held_out": len(held)}
+    return bank, np.concatenate(parts), how
 
 
 @dataclass(frozen=True)
 class RegisteredFeatures:
     """A product's bank (carrying its calibration as ``stats``), its normal statistics, which of
-    the images are the shots, and how the statistics' scores were obtained."""
+    the images are in the bank, and how the statistics' scores were obtained."""
 
     bank: ProductBank
     normal: NormalStats
     keep: list[int]
-    scored: str
+    scored: dict[str, object]
 
 
-def register_features(model: InspectionModel, product: str, feats: Sequence[torch.Tensor], shots: int,
+def register_features(model: InspectionModel, product: str, feats: Sequence[torch.Tensor], bank_images: int,
                       coreset: int | None = None, seed: int = 0, method: str = DEFAULT_METHOD) -> RegisteredFeatures:
     """Registration from backbone features: what ``inspector bank add``, the trainer's threshold and
     the evaluation all do with a product's good images, so their numbers are the served ones.
 
+    Up to ``bank_images`` images (the most diverse when more are offered) form the bank, capped at
+    ``coreset`` vectors per level; the normal statistics come from every image's cross-scored
+    raw score (``cross_scores``).
+
     Args:
         feats: per level ``(N, C, H, W)`` features of the N >= 2 good images.
     """
-    keep = pick_diverse(feats[-1], shots, seed)
-    bank = build_bank([f[keep] for f in feats], coreset, seed)
-    scores, how = cross_scores(model, feats, keep, bank)
+    keep = pick_diverse(feats[-1], bank_images, seed)
+    bank, scores, how = cross_scores(model, feats, keep, coreset, seed)
     normal = NormalStats.from_registration(product, scores.tolist(), method)
     return RegisteredFeatures(bank.with_stats(normal.u, normal.gamma), normal, keep, how)
 
@@ -197,46 +230,48 @@ def register_product(
     model_id: str,
     product: str,
     images: Sequence[ShotImage],
-    shots: int,
+    bank_images: int,
     coreset: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     method: str = DEFAULT_METHOD,
+    min_images: int | None = None,
 ) -> Registration:
-    """Build ``product``'s bank and normal statistics from its good ``images`` (at least 2).
+    """Build ``product``'s bank and normal statistics from its good ``images``.
 
-    The ``shots`` most diverse images form the bank; every other image is scored against it
-    (cross-scoring), and the product's normal statistics come from those scores. With 30 or
-    more images the statistics place the product on the line's scale; with only the shots,
-    leave-one-out scores are used and the statistics are marked thin.
+    Up to ``bank_images`` of them (the most diverse when more are offered) form the bank, capped at
+    ``coreset`` vectors per level; every image is cross-scored against a bank that does not
+    contain it (``cross_scores``), and the product's normal statistics come from those scores.
+    With 30 or more images the statistics place the product on the line's scale; with fewer they
+    are marked thin.
 
     Args:
         model: the serving model (eval mode); its backbone extracts the features.
         signature: the model's backbone signature, stored so a worker can refuse a mismatch.
         model_id: the artifact that measured the statistics.
-        shots: images kept in the bank; with more offered, the ``shots`` most diverse are kept.
+        bank_images: most images in the bank.
         method: the normalisation (``inspector.banks.normal.METHODS``).
+        min_images: fewest distinct images accepted (default ``bank_images``; at least 2).
     """
     check_name("product", product)
-    if shots < 2:
-        raise BankError("too_few_shots", f"a bank needs at least 2 shots, asked for {shots}")
+    need = max(2, bank_images if min_images is None else min_images)
+    if bank_images < 2:
+        raise BankError("too_few_shots", f"a bank needs at least 2 images, asked for {bank_images}")
     images, duplicates = distinct_images(images)
-    if len(images) < 2:
-        raise BankError("too_few_shots", f"a bank needs at least 2 images, got {len(images)}"
-                        + (f" distinct ({len(duplicates)} duplicates)" if duplicates else ""))
-    if len(images) < shots:
-        raise BankError("too_few_images", f"{len(images)} distinct good images for a bank of {shots} shots"
+    if len(images) < need:
+        raise BankError("too_few_images", f"{len(images)} distinct good images, fewer than the {need} a product needs"
                         + (f" ({len(duplicates)} duplicates left out)" if duplicates else "")
-                        + f": give at least {shots}, and 30 or more for trustworthy normal statistics")
+                        + f": give at least {need}, and 30 or more for trustworthy normal statistics")
     say = progress or (lambda _msg: None)
     if duplicates:
         say(f"{len(duplicates)} duplicate images (same content) counted once: "
             + ", ".join(f"{a} = {b}" for a, b in duplicates))
     say(f"extracting features of {len(images)} images")
     feats = extract(model, np.stack([im.pixels for im in images]))
-    say(f"building the bank from the {min(shots, len(images))} most diverse images and scoring "
-        f"{len(images)} images against banks that do not contain them")
-    product_bank = register_features(model, product, feats, shots, coreset, seed, method)
+    in_bank = min(bank_images, len(images))
+    say(f"building the bank from {'the ' + str(in_bank) + ' most diverse' if in_bank < len(images) else 'all ' + str(in_bank)} "
+        f"images (coreset {coreset or 'off'}) and scoring {len(images)} images against banks that do not contain them")
+    product_bank = register_features(model, product, feats, bank_images, coreset, seed, method)
     bank, normal, keep = product_bank.bank, product_bank.normal, product_bank.keep
     if spread_is_floored(normal.u, normal.gamma):
         say(f"warning: the good images of {product} scored almost identically (copies of one part?): "
@@ -256,6 +291,6 @@ def register_product(
         content_sha256=content_digest(bank),
         coreset=coreset,
         candidates=len(images),
-        normal={**normal.summary(), "scored": product_bank.scored, "scores": normal.registration},
+        normal={**normal.summary(), **product_bank.scored, "scores": normal.registration},
     )
     return Registration(bank, meta, tuple(im.name for im in chosen), tuple(duplicates))

@@ -30,10 +30,13 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class BankConfig:
-    """Reference bank shape: shots per product, optional coreset cap per level, matmul chunk."""
+    """Reference bank shape: the fewest good images a product is registered from (``shots``, also
+    the plain-distance baseline's bank), the most images in its bank, the coreset cap per level
+    and the matmul chunk."""
 
     shots: int = 4
-    coreset: int | None = None  # max vectors per level; None keeps every position of every shot
+    images: int = 64  # most images whose positions enter a product's bank (the most diverse when more)
+    coreset: int | None = 1024  # max vectors per level (greedy k-center); None keeps every position
     chunk: int = 2048  # bank vectors per matmul chunk: bounds (B, P, chunk) similarity memory
 
 
@@ -111,6 +114,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``.
 
+        Cards written before ``bank.images`` existed served banks of exactly ``shots`` images.
         Cards written before ``flow.constraintor`` existed were all fitted with the conv
         constraintor, so a card without the field reads as ``"conv"``, not as today's default.
         """
@@ -120,6 +124,9 @@ class ModelConfig:
         score = data.get("score")
         if isinstance(score, dict) and "scoring" not in score:  # cards from before the field served their flows
             data = {**data, "score": {**score, "scoring": "flow"}}
+        bank = data.get("bank")
+        if isinstance(bank, dict) and "images" not in bank:  # cards from before the field: a bank of k shots, uncapped
+            data = {**data, "bank": {"coreset": None, **bank, "images": bank.get("shots", 4)}}
         return _build(cls, data)
 
 
