@@ -4,8 +4,9 @@
 2. Fits a small model on two *other* generated products (``tiles``, ``rings``): CADA head and
    threshold; the flows only with ``--select-scoring`` (leave-one-source-class-out selection,
    several minutes), which on these products keeps the distance.
-3. Registers two line products (``dots``, ``rings``) from 30 good images each: 4 form the bank,
-   the rest are cross-scored to place each product on the line's one threshold scale.
+3. Registers two line products (``dots``, ``rings``) from 30 good images each: all form the bank,
+   and each is cross-scored against the other folds to place the product on the line's one
+   threshold scale.
 4. Starts the real worker (``inspector run``) as a separate process.
 5. Streams frames of all three line products with defects; ``weave`` frames fail as
    ``unknown_product`` until ``weave`` is registered live, a third of the way in, without a restart.
@@ -44,7 +45,8 @@ READY_TIMEOUT_S = 300.0
 DRAIN_S = 60.0
 OVERLAYS_PER_GROUP = 4  # heatmap overlays kept per product and truth (good/defect)
 POLL_S = 0.5  # the worker's bank poll interval in the demo (--poll-interval-s)
-DEMO_RECIPE = 2  # bumped when the demo's model recipe changes, so an older model in --out is not reused
+DEMO_RECIPE = 3  # bumped when the demo's model recipe changes, so an older model in --out is not reused
+TRAIN_IMAGES = 80  # good train images per generated product: the source products' 30% held out place the threshold
 REGISTRATION_IMAGES = 30  # good images per product at registration: enough to place it on the line's scale
 
 
@@ -61,7 +63,7 @@ def run_demo(out: Path, weights: str | None, steps: int, progress: bool = True, 
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     if not data.exists():
-        generate_dataset(data, classes=tuple(dict.fromkeys(SOURCE + LINE)), n_train=40, n_test_good=24,
+        generate_dataset(data, classes=tuple(dict.fromkeys(SOURCE + LINE)), n_train=TRAIN_IMAGES, n_test_good=24,
                          n_test_defect=24, size=DEMO_SIZE, seed=0)
     _say(f"generated line of {', '.join(LINE)} (model fitted on {', '.join(SOURCE)}) in {data}")
     if weights:
@@ -100,9 +102,9 @@ def _train(out: Path, data: Path, weights: str | None, steps: int, progress: boo
     cfg = ModelConfig()
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=DEMO_SIZE))
     train_cfg = TrainConfig(
-        data=str(data), classes=SOURCE, weights=weights, images_per_class=40, select_scoring=select,
+        data=str(data), classes=SOURCE, weights=weights, images_per_class=TRAIN_IMAGES, select_scoring=select,
         fit=FitConfig(steps=steps, window=32, checkpoint_every=max(1, steps)),
-        calibration=CalibrationConfig(targets_per_class=24, epochs=30),
+        calibration=CalibrationConfig(targets_per_class=24, epochs=30, registration_images=REGISTRATION_IMAGES),
     )
     card = train(cfg, train_cfg, artifact, out / "work", resume=False, progress=progress)
     training = dict(card.training, fit_steps=steps, demo_recipe=DEMO_RECIPE, demo_select=select)
