@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import commit, machine  # noqa: E402
 
 from inspector.artifact import load_artifact  # noqa: E402
+from inspector.engine import bank_capacity  # noqa: E402
 from inspector.model import Analysis, InspectionModel, ModelConfig, build_bank, stack_banks  # noqa: E402
 
 
@@ -79,7 +80,8 @@ def main() -> int:
     with torch.no_grad():
         shots = model.extract(torch.randint(0, 256, (model.cfg.bank.shots * args.products, s, s, 3), dtype=torch.uint8))
         k = model.cfg.bank.shots
-        bank = stack_banks([build_bank([f[i * k:(i + 1) * k] for f in shots]).with_stats(0.0, 1.0) for i in range(args.products)])
+        bank = stack_banks([build_bank([f[i * k:(i + 1) * k] for f in shots], model.cfg.bank.coreset).with_stats(0.0, 1.0)
+                            for i in range(args.products)], bank_capacity(model))  # the served capacity
         one = torch.randint(0, 256, (1, s, s, 3), dtype=torch.uint8)
         macs = {}
         for name, fn in stages(model, one, bank).items():
