@@ -107,6 +107,10 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-per-class", type=int, help="random test images kept per class (default: all)")
     p.add_argument("--stream-frames", type=int, default=200,
                    help="simulated stream per class, starting from k shots only (0: no stream)")
+    p.add_argument("--bank-images", type=int,
+                   help="what-if: most images in a bank instead of the card's (the shipped threshold was set for the card's)")
+    p.add_argument("--coreset", type=int,
+                   help="what-if: bank vectors per level instead of the card's (0: all; the threshold was set for the card's)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -213,6 +217,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .artifact import load_artifact
 
     model, card = load_artifact(args.artifact)
+    bank = {k: v for k, v in (("images", args.bank_images), ("coreset", args.coreset)) if v is not None}
+    if any(v < 0 or (k == "images" and v < 1) for k, v in bank.items()):
+        raise SystemExit(f"error: --bank-images must be at least 1 and --coreset at least 0, got {bank}")
+    if bank:
+        bank["coreset"] = bank.get("coreset", model.cfg.bank.coreset) or None
+        model.cfg = dataclasses.replace(model.cfg, bank=dataclasses.replace(model.cfg.bank, **bank))
     cfg = EvalConfig(draws=args.draws, seed=args.seed, pixel_metrics=not args.no_pixel_metrics,
                      registration_images=args.registration_images, test_per_class=args.test_per_class,
                      stream_frames=args.stream_frames)

@@ -119,3 +119,18 @@ def test_cli_offers_every_constraintor_the_model_knows() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     choices = next(a.choices for a in sub.choices["train"]._actions if a.dest == "constraintor")
     assert tuple(choices) == CONSTRAINTORS  # the CLI lists them without importing torch
+
+
+def test_eval_what_if_bank_shape(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--bank-images`` and ``--coreset`` evaluate another bank shape than the card's: the report
+    records it and every draw's bank holds that many images."""
+    data, model = trained
+    assert main(["eval", "--artifact", str(model), "--data", str(data), "--classes", "weave", "--out", str(tmp_path),
+                 "--draws", "1", "--registration-images", "6", "--stream-frames", "0", "--bank-images", "3",
+                 "--coreset", "128", "--no-pixel-metrics", "--quiet"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["bank_images"] == 3 and report["coreset"] == 128
+    assert len(report["shot_files"][0]["weave"]) == 3
+    with pytest.raises(SystemExit, match="--bank-images must be at least 1"):
+        main(["eval", "--artifact", str(model), "--data", str(data), "--classes", "weave", "--out", str(tmp_path),
+              "--bank-images", "0", "--quiet"])
