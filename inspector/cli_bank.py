@@ -125,10 +125,11 @@ def _add(args, cfg, store) -> int:
     from .banks import BankError, encode_bank
     from .banks.register import read_shots, register_product
 
-    t0 = time.perf_counter()
-    model, card = _load_model(cfg)
+    from .banks.watcher import over_capacity
     from .engine import bank_capacity
 
+    t0 = time.perf_counter()
+    model, card = _load_model(cfg)
     bank_cfg = card.model_config.bank
     shots = args.shots if args.shots is not None else bank_cfg.shots
     bank_images = args.bank_images if args.bank_images is not None else bank_cfg.images
@@ -141,10 +142,10 @@ def _add(args, cfg, store) -> int:
     reg = register_product(model, card.signature, card.model_id, args.product, images, bank_images, coreset,
                            args.seed, progress=say, min_images=shots)
     capacity = bank_capacity(model)
-    over = [(n, f.shape[0], c) for n, (f, c) in enumerate(zip(reg.bank.features, capacity), start=1) if f.shape[0] > c]
+    over = over_capacity(reg.bank, capacity)
     if over:
         raise BankError("bank_too_large", "the bank would not fit the model's compiled capacity ("
-                        + ", ".join(f"level {n}: {got} vectors, capacity {c}" for n, got, c in over)
+                        + ", ".join(f"level {n + 1}: {got} vectors, capacity {c}" for n, got, c in over)
                         + f"): register with --bank-images {bank_cfg.images} or fewer, or --coreset {min(capacity)}")
     if reg.meta.candidates > len(reg.chosen):
         say(f"picked the {len(reg.chosen)} most diverse of {reg.meta.candidates} images for the bank; the others "

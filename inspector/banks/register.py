@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..decode import decode_image, pillow_to_rgb, resize_square
 from ..model import InspectionModel
-from ..model.bank import ProductBank, build_fold_banks, greedy_k_center, prototype_of, stack_banks
+from ..model.bank import BankTensors, ProductBank, build_fold_banks, greedy_k_center, prototype_of, stack_banks
 from ..wire import FrameHeader
 from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, spread_is_floored
 from .record import BankError, BankMeta, check_name, content_digest
@@ -139,11 +139,18 @@ def raw_scores_against(model: InspectionModel, feats: Sequence[torch.Tensor], ba
     hinted to it (no routing), in batches of ``SCORE_BATCH``: the served arithmetic before
     calibration. Registration, ``bank feedback`` and the evaluation all score this way."""
     rows = list(range(feats[0].shape[0])) if rows is None else list(rows)
-    stacked = stack_banks([bank])
+    return raw_scores_hinted(model, feats, stack_banks([bank]), rows, [0] * len(rows))
+
+
+@torch.no_grad()
+def raw_scores_hinted(model: InspectionModel, feats: Sequence[torch.Tensor], stacked: BankTensors,
+                      rows: Sequence[int], hints: Sequence[int]) -> np.ndarray:
+    """Raw image scores of ``rows`` of ``feats``, row ``rows[i]`` against bank ``hints[i]`` of the
+    stacked banks, in batches of ``SCORE_BATCH``."""
     out = [np.zeros(0, dtype=np.float32)]
     for start in range(0, len(rows), SCORE_BATCH):
-        part = rows[start : start + SCORE_BATCH]
-        hint = torch.zeros(len(part), dtype=torch.long)
+        part = list(rows[start : start + SCORE_BATCH])
+        hint = torch.as_tensor(list(hints[start : start + SCORE_BATCH]), dtype=torch.long)
         out.append(model.raw_scores([f[part].float() for f in feats], stacked, hint).cpu().numpy())
     return np.concatenate(out)
 
@@ -180,12 +187,7 @@ def cross_scores(model: InspectionModel, feats: Sequence[torch.Tensor], keep: Se
     folds = fold_of(len(keep), seed)
     bank_feats = [f[keep] for f in feats]
     bank, fold_banks = build_fold_banks(bank_feats, folds, coreset, seed)
-    stacked = stack_banks(fold_banks)
-    parts = [np.zeros(0, dtype=np.float32)]
-    for start in range(0, len(keep), SCORE_BATCH):
-        rows = list(range(start, min(len(keep), start + SCORE_BATCH)))
-        hint = torch.as_tensor([folds[r] for r in rows], dtype=torch.long)
-        parts.append(model.raw_scores([f[rows].float() for f in bank_feats], stacked, hint).cpu().numpy())
+    parts = [raw_scores_hinted(model, bank_feats, stack_banks(fold_banks), range(len(keep)), folds)]
     inside = set(keep)
     held = [i for i in range(feats[0].shape[0]) if i not in inside]
     if held:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import structlog
 
@@ -68,6 +68,12 @@ class BankSnapshot:
 
 
 EMPTY = BankSnapshot(epoch=-1, products=(), versions={}, metas={}, tensors=None)
+
+
+def over_capacity(bank: ProductBank, capacity: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(level, vectors, capacity)`` of each level (0-based) where ``bank`` holds more vectors
+    than ``capacity`` allows: what the worker refuses and ``bank add`` refuses to write."""
+    return [(level, f.shape[0], cap) for level, (f, cap) in enumerate(zip(bank.features, capacity)) if f.shape[0] > cap]
 
 
 def build_snapshot(
@@ -217,10 +223,11 @@ class BankWatcher:
     def _check_capacity(self, bank: ProductBank) -> None:
         if self.capacity is None:
             return
-        for level, (f, cap) in enumerate(zip(bank.features, self.capacity)):
-            if f.shape[0] > cap:
-                raise BankError("over_capacity", f"level {level} has {f.shape[0]} vectors, the engine holds {cap}: "
-                                "register with fewer shots or a coreset")
+        over = over_capacity(bank, self.capacity)
+        if over:
+            level, vectors, cap = over[0]
+            raise BankError("over_capacity", f"level {level} has {vectors} vectors, the engine holds {cap}: "
+                            "register with fewer shots or a coreset")
 
     # -- thread ----------------------------------------------------------------------------
     def start(self, initial_timeout: float | None = None) -> "BankWatcher":
