@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .cli_bank import add_bank_parser, cmd_bank
+from .cli_bank import add_bank_parser, cmd_bank, coreset_arg
 from deploy.cli import add_install_parser, cmd_install
 
 from .cli_compile import add_compile_parser, cmd_compile
@@ -69,7 +69,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, help="fewest good images a product is registered from; the flow's query "
                                               "banks and the plain-distance baseline use this many (default 4)")
     p.add_argument("--bank-images", type=int, help="most good images in a product's bank (default 64)")
-    p.add_argument("--coreset", type=int, help="cap on bank vectors per level (default 1024)")
+    p.add_argument("--coreset", type=coreset_arg, help="cap on bank vectors per level: one for every level (default "
+                                                     "1024) or one per level, e.g. 4096,1024,1024 ('all': no cap)")
     p.add_argument("--calibration", choices=("cada", "bank", "none"),  # model.config.CALIBRATION_MODES
                    help="shipped calibration mode (default bank: each product's own normal statistics)")
     p.add_argument("--scoring", choices=("select", "distance", "flow"),  # "select" + model.config.SCORINGS
@@ -109,8 +110,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="simulated stream per class, starting from k shots only (0: no stream)")
     p.add_argument("--bank-images", type=int,
                    help="what-if: most images in a bank instead of the card's (the shipped threshold was set for the card's)")
-    p.add_argument("--coreset", type=int,
-                   help="what-if: bank vectors per level instead of the card's (0: all; the threshold was set for the card's)")
+    p.add_argument("--coreset", type=coreset_arg,
+                   help="what-if: bank vectors per level instead of the card's, one cap or one per level "
+                        "(0 or all: every position; the threshold was set for the card's)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -215,11 +217,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.train import parse_classes
 
     from .artifact import load_artifact
+    from .model.bank import level_caps
 
     model, card = load_artifact(args.artifact)
     bank = {k: v for k, v in (("images", args.bank_images), ("coreset", args.coreset)) if v is not None}
-    if any(v < 0 or (k == "images" and v < 1) for k, v in bank.items()):
-        raise SystemExit(f"error: --bank-images must be at least 1 and --coreset at least 0, got {bank}")
+    if args.bank_images is not None and args.bank_images < 1:
+        raise SystemExit(f"error: --bank-images must be at least 1, got {args.bank_images}")
+    if args.coreset is not None:
+        try:
+            level_caps(args.coreset, len(model.grids))
+        except ValueError as err:
+            raise SystemExit(f"error: --coreset: {err}") from None
     if bank:
         bank["coreset"] = bank.get("coreset", model.cfg.bank.coreset) or None
         model.cfg = dataclasses.replace(model.cfg, bank=dataclasses.replace(model.cfg.bank, **bank))

@@ -15,6 +15,16 @@ import time
 from pathlib import Path
 
 
+
+def coreset_arg(text: str):
+    """argparse type of ``--coreset``: one cap, one per level, or ``all``."""
+    from .model.bank import parse_coreset
+
+    try:
+        return parse_coreset(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
 def add_bank_parser(sub: argparse._SubParsersAction) -> None:
     bank = sub.add_parser("bank", help="manage a line's reference banks (products)")
     cmds = bank.add_subparsers(dest="bank_command", required=True)
@@ -38,7 +48,9 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files or folders of good images (30 or more recommended)")
     p.add_argument("--bank-images", type=int, help="most images kept in the bank (default: the model's, 64)")
     p.add_argument("--shots", type=int, help="fewest distinct good images accepted (default: the model's, 4)")
-    p.add_argument("--coreset", type=int, help="cap on bank vectors per level (greedy k-center)")
+    p.add_argument("--coreset", type=coreset_arg,
+                   help="cap on bank vectors per level (greedy k-center): one for every level or one per level, "
+                        "e.g. 4096,1024,1024 (default: the card's)")
     p.add_argument("--artifact", help="model artifact (default: the line config's engine.artifact)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -127,6 +139,7 @@ def _add(args, cfg, store) -> int:
 
     from .banks.watcher import over_capacity
     from .engine import bank_capacity
+    from .model.bank import describe_coreset, level_caps
 
     t0 = time.perf_counter()
     model, card = _load_model(cfg)
@@ -134,9 +147,15 @@ def _add(args, cfg, store) -> int:
     shots = args.shots if args.shots is not None else bank_cfg.shots
     bank_images = args.bank_images if args.bank_images is not None else bank_cfg.images
     coreset = args.coreset if args.coreset is not None else bank_cfg.coreset
-    for name, value in (("--shots", shots), ("--bank-images", bank_images), ("--coreset", coreset)):
+    for name, value in (("--shots", shots), ("--bank-images", bank_images)):
         if value is not None and value < 1:
             raise BankError("bad_argument", f"{name} must be a positive count, got {value}")
+    try:
+        caps = level_caps(coreset, len(model.grids))
+    except ValueError as err:
+        raise BankError("bad_argument", f"--coreset: {err}") from None
+    if any(c is None for c in caps) and args.coreset is not None:
+        raise BankError("bad_argument", f"--coreset must be a positive count per level, got {describe_coreset(coreset)}")
     images = read_shots(args.images, model.input_size)
     say = lambda msg: print(f"[bank] {msg}", file=sys.stderr)  # noqa: E731
     reg = register_product(model, card.signature, card.model_id, args.product, images, bank_images, coreset,
@@ -146,7 +165,7 @@ def _add(args, cfg, store) -> int:
     if over:
         raise BankError("bank_too_large", "the bank would not fit the model's compiled capacity ("
                         + ", ".join(f"level {n + 1}: {got} vectors, capacity {c}" for n, got, c in over)
-                        + f"): register with --bank-images {bank_cfg.images} or fewer, or --coreset {min(capacity)}")
+                        + f"): register with --bank-images {bank_cfg.images} or fewer, or --coreset {','.join(map(str, capacity))}")
     if reg.meta.candidates > len(reg.chosen):
         say(f"picked the {len(reg.chosen)} most diverse of {reg.meta.candidates} images for the bank; the others "
             f"were scored against it")
@@ -221,6 +240,7 @@ def _list(args, cfg, store) -> int:
 
 def _show(args, cfg, store) -> int:
     from .banks.normal import NormalStats
+    from .model.bank import describe_coreset
 
     meta = store.meta(args.line, args.product, args.version)
     versions = store.versions(args.line, args.product)
@@ -236,7 +256,7 @@ def _show(args, cfg, store) -> int:
     print(f"product     {meta.product} (line {args.line}, version {meta.version}; stored {versions})")
     print(f"built       {meta.created_at} with model {meta.model_id}")
     print(f"signature   {meta.signature}")
-    print(f"bank        {meta.shots} images of {meta.candidates or meta.shots} offered; coreset {meta.coreset}")
+    print(f"bank        {meta.shots} images of {meta.candidates or meta.shots} offered; coreset {describe_coreset(meta.coreset)}")
     for im in meta.images:
         print(f"            {im['name']}  sha256 {im['sha256'][:16]}")
     print("levels      " + ", ".join(f"{n} x {c}" for n, c in meta.levels) + f"  ({meta.nbytes / 2**20:.2f} MiB fp16)")

@@ -18,6 +18,7 @@ import torch
 from .artifact import ModelCard
 from .banks.watcher import BankSnapshot
 from .model import InspectionModel
+from .model.bank import level_caps
 from .model.config import CALIBRATION_MODES
 from .model.serving import ServingGraph, input_names
 
@@ -44,10 +45,10 @@ class EngineSettings:
 
 def bank_capacity(model: InspectionModel) -> tuple[int, ...]:
     """Vectors per level a bank may hold: every position of the bank's most ``images``, or the
-    coreset cap."""
-    images, cap = model.cfg.bank.images, model.cfg.bank.coreset
+    coreset cap of that level."""
+    images = model.cfg.bank.images
     full = [images * h * w for h, w in model.grids]
-    return tuple(min(f, cap) if cap else f for f in full)
+    return tuple(min(f, cap) if cap else f for f, cap in zip(full, level_caps(model.cfg.bank.coreset, len(full))))
 
 
 @dataclass(frozen=True)

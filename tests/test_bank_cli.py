@@ -182,3 +182,27 @@ def test_bank_images_and_capacity(capsys, artifact, good_images, store_url) -> N
     code, _, err = run(capsys, "bank", "add", *base, "--product", "neg", "--artifact", str(artifact),
                        "--bank-images", "0", str(good_images))
     assert code == 2 and "--bank-images must be a positive count" in err, err
+
+
+def test_coreset_per_level(capsys, artifact, good_images, store_url) -> None:
+    """``--coreset A,B,C`` caps each level on its own (6 images at 64 px: 1536/384/96 positions);
+    ``bank show`` reports the caps; a wrong number of caps or a word is refused, nothing written."""
+    base = ("--line", "3", "--store", store_url)
+    code, out, err = run(capsys, "bank", "add", *base, "--product", "lv", "--artifact", str(artifact),
+                         "--coreset", "512,128,32", str(good_images))
+    assert code == 0, err
+    shown = json.loads(run(capsys, "bank", "show", *base, "--product", "lv", "--json")[1])
+    assert shown["levels"] == [[512, 64], [128, 128], [32, 256]] and shown["coreset"] == [512, 128, 32], shown
+    assert "coreset 512/128/32" in run(capsys, "bank", "show", *base, "--product", "lv")[1]
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "two", "--artifact", str(artifact),
+                       "--coreset", "512,128", str(good_images))
+    assert code == 2 and "needs 3 caps, got 2" in err, err
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it before anything runs
+        run(capsys, "bank", "add", *base, "--product", "word", "--artifact", str(artifact),
+            "--coreset", "many", str(good_images))
+    assert exit_.value.code == 2 and "a coreset is a whole number" in capsys.readouterr().err
+    code, _, err = run(capsys, "bank", "add", *base, "--product", "zero", "--artifact", str(artifact),
+                       "--coreset", "512,0,32", str(good_images))
+    assert code == 2 and "positive count per level" in err, err
+    for product in ("two", "word", "zero"):
+        assert run(capsys, "bank", "show", *base, "--product", product)[0] == 3  # nothing was written

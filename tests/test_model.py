@@ -12,7 +12,7 @@ import torch
 from torch.export import Dim, export
 
 from inspector.model import BankTensors, FlowConfig, InspectionModel, ModelConfig, build_bank, stack_banks, verdicts
-from inspector.model.bank import greedy_k_center, nearest_neighbours
+from inspector.model.bank import describe_coreset, greedy_k_center, level_caps, nearest_neighbours, parse_coreset
 
 from .conftest import tiny_config
 from inspector.model.calibration import GaussianBlur, calibrate, top_fraction_mean
@@ -169,6 +169,22 @@ def test_coreset_caps_and_spreads() -> None:
     assert far < rand  # k-center covers the set better than an arbitrary subset
     feats = [torch.randn(4, 8, 6, 6)]
     assert build_bank(feats, coreset=20).features[0].shape == (20, 8)
+
+
+def test_coreset_per_level() -> None:
+    """One cap for every level, one per level (None: every position), and the parse of the CLI."""
+    feats = [torch.randn(4, 8, 6, 6), torch.randn(4, 16, 3, 3)]
+    bank = build_bank(feats, coreset=(20, None))
+    assert [f.shape for f in bank.features] == [(20, 8), (36, 16)]
+    assert [f.shape[0] for f in build_bank(feats, coreset=30).features] == [30, 30]
+    assert level_caps(1024, 3) == (1024,) * 3 and level_caps((4096, 0, None), 3) == (4096, None, None)
+    with pytest.raises(ValueError, match="needs 3 caps, got 2"):
+        level_caps((1, 2), 3)
+    assert parse_coreset("1024") == 1024 and parse_coreset("4096,1024,all") == (4096, 1024, None)
+    assert parse_coreset("0") is None and describe_coreset((4096, 1024, None)) == "4096/1024/all"
+    for bad in ("x", "1,-2", "1.5"):
+        with pytest.raises(ValueError):
+            parse_coreset(bad)
 
 
 def test_leave_one_out_scores_never_score_a_shot_against_itself(tiny_model: InspectionModel) -> None:

@@ -58,7 +58,8 @@ class BankMeta:
         levels: ``[[N_l, C_l]]`` vectors and channels per level.
         u, gamma: the product's calibration at registration: score = (raw - u) / (gamma - u).
         model_id: the artifact that measured ``u`` and ``gamma``.
-        coreset: the cap on vectors per level, or None.
+        coreset: the cap on vectors per level (one for all levels, or a list with one per level),
+            or None.
         created_at: ISO 8601 UTC time of registration.
         content_sha256: digest of the tensors, checked on load.
         version: the store's version number (0 until stored).
@@ -78,7 +79,7 @@ class BankMeta:
     model_id: str
     created_at: str
     content_sha256: str = ""
-    coreset: int | None = None
+    coreset: int | list[int | None] | None = None
     version: int = 0
     candidates: int = 0
     schema: int = BANK_SCHEMA

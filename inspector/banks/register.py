@@ -22,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..decode import decode_image, pillow_to_rgb, resize_square
 from ..model import InspectionModel
-from ..model.bank import BankTensors, ProductBank, build_fold_banks, greedy_k_center, prototype_of, stack_banks
+from ..model.bank import (BankTensors, Coreset, ProductBank, build_fold_banks, describe_coreset, greedy_k_center,
+                          prototype_of, stack_banks)
 from ..wire import FrameHeader
 from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, spread_is_floored
 from .record import BankError, BankMeta, check_name, content_digest
@@ -171,7 +172,7 @@ def fold_of(count: int, seed: int = 0) -> list[int]:
 
 @torch.no_grad()
 def cross_scores(model: InspectionModel, feats: Sequence[torch.Tensor], keep: Sequence[int],
-                 coreset: int | None, seed: int = 0) -> tuple[ProductBank, np.ndarray, dict[str, object]]:
+                 coreset: Coreset, seed: int = 0) -> tuple[ProductBank, np.ndarray, dict[str, object]]:
     """The served bank of the ``keep`` images, and raw scores of every image, none of them scored
     against a bank that contains it.
 
@@ -209,7 +210,7 @@ class RegisteredFeatures:
 
 
 def register_features(model: InspectionModel, product: str, feats: Sequence[torch.Tensor], bank_images: int,
-                      coreset: int | None = None, seed: int = 0, method: str = DEFAULT_METHOD) -> RegisteredFeatures:
+                      coreset: Coreset = None, seed: int = 0, method: str = DEFAULT_METHOD) -> RegisteredFeatures:
     """Registration from backbone features: what ``inspector bank add``, the trainer's threshold and
     the evaluation all do with a product's good images, so their numbers are the served ones.
 
@@ -233,7 +234,7 @@ def register_product(
     product: str,
     images: Sequence[ShotImage],
     bank_images: int,
-    coreset: int | None = None,
+    coreset: Coreset = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     method: str = DEFAULT_METHOD,
@@ -272,7 +273,7 @@ def register_product(
     feats = extract(model, np.stack([im.pixels for im in images]))
     in_bank = min(bank_images, len(images))
     say(f"building the bank from {'the ' + str(in_bank) + ' most diverse' if in_bank < len(images) else 'all ' + str(in_bank)} "
-        f"images (coreset {coreset or 'off'}) and scoring {len(images)} images against banks that do not contain them")
+        f"images (coreset {describe_coreset(coreset)}) and scoring {len(images)} images against banks that do not contain them")
     product_bank = register_features(model, product, feats, bank_images, coreset, seed, method)
     bank, normal, keep = product_bank.bank, product_bank.normal, product_bank.keep
     if spread_is_floored(normal.u, normal.gamma):
@@ -291,7 +292,7 @@ def register_product(
         model_id=model_id,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         content_sha256=content_digest(bank),
-        coreset=coreset,
+        coreset=list(coreset) if isinstance(coreset, (tuple, list)) else coreset,
         candidates=len(images),
         normal={**normal.summary(), **product_bank.scored, "scores": normal.registration},
     )

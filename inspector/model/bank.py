@@ -17,6 +17,44 @@ import torch.nn.functional as F
 BANK_DTYPE = torch.float16
 
 
+Coreset = int | Sequence[int | None] | None  # one cap for every level, one per level, or None (no cap)
+
+
+def level_caps(coreset: Coreset, levels: int) -> tuple[int | None, ...]:
+    """The cap on vectors of each of ``levels`` levels: ``coreset`` as one cap for every level, a
+    cap per level, or ``None`` (every position kept). A cap of 0 or ``None`` keeps every position."""
+    if coreset is None or isinstance(coreset, int):
+        caps: tuple[int | None, ...] = (coreset,) * levels
+    else:
+        caps = tuple(coreset)
+        if len(caps) != levels:
+            raise ValueError(f"a coreset cap per level needs {levels} caps, got {len(caps)}: {list(caps)}")
+    if any(c is not None and (not isinstance(c, int) or c < 0) for c in caps):
+        raise ValueError(f"coreset caps must be whole numbers >= 0, got {list(caps)}")
+    return tuple(c or None for c in caps)
+
+
+def parse_coreset(text: str) -> int | tuple[int | None, ...] | None:
+    """A command-line coreset: ``1024`` (every level), ``4096,1024,1024`` (per level), ``all``
+    or ``0`` (every position kept; ``all`` also per level)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        caps = [None if p.lower() in ("all", "none") else int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"a coreset is a whole number, 'all', or one of them per level separated by commas, got {text!r}") from None
+    if any(c is not None and c < 0 for c in caps):
+        raise ValueError(f"coreset caps must be >= 0, got {text!r}")
+    caps = [c or None for c in caps]
+    return caps[0] if len(caps) == 1 else tuple(caps)
+
+
+def describe_coreset(coreset: Coreset) -> str:
+    """``1024``, ``4096/1024/1024`` or ``off``, as the CLI prints it."""
+    if coreset is None or isinstance(coreset, int):
+        return str(coreset) if coreset else "off"
+    return "/".join(str(c) if c else "all" for c in coreset)
+
+
 class BankTensors(NamedTuple):
     """Stacked banks of ``P`` products, the model's second input.
 
@@ -67,18 +105,19 @@ def prototype_of(level: torch.Tensor) -> torch.Tensor:
 
 
 def build_bank(
-    features: Sequence[torch.Tensor], coreset: int | None = None, seed: int = 0
+    features: Sequence[torch.Tensor], coreset: Coreset = None, seed: int = 0
 ) -> ProductBank:
     """Build a product bank from the backbone features of its k shots.
 
     Args:
         features: per level ``(k, C, H, W)`` backbone features of the shots.
-        coreset: cap on vectors per level (greedy k-center); ``None`` keeps all.
+        coreset: cap on vectors per level (greedy k-center), one for all levels or one per level
+            (:func:`level_caps`); ``None`` keeps all.
         seed: picks the coreset's first centre.
     """
     levels = []
-    for level in features:
-        vectors = _capped(position_vectors(level).reshape(-1, level.shape[1]), coreset, seed)  # (k*H*W, C)
+    for level, cap in zip(features, level_caps(coreset, len(features))):
+        vectors = _capped(position_vectors(level).reshape(-1, level.shape[1]), cap, seed)  # (k*H*W, C)
         levels.append(vectors.to(BANK_DTYPE).contiguous())
     proto = F.normalize(prototype_of(features[-1]).mean(0), dim=0)
     return ProductBank(tuple(levels), proto, torch.full((2,), float("nan")))
@@ -111,7 +150,8 @@ def _capped(vectors: torch.Tensor, coreset: int | None, seed: int) -> torch.Tens
 
 
 def build_fold_banks(
-    features: Sequence[torch.Tensor], folds: Sequence[int], coreset: int | None = None, seed: int = 0
+    features: Sequence[torch.Tensor], folds: Sequence[int], coreset: Coreset = None,
+    seed: int = 0,
 ) -> tuple[ProductBank, list[ProductBank]]:
     """A product's bank from all its images, and per fold a bank of the images outside that fold.
 
@@ -124,18 +164,20 @@ def build_fold_banks(
     Args:
         features: per level ``(N, C, H, W)`` backbone features of the product's N images.
         folds: the fold (``0..K-1``) of each image; K >= 2.
-        coreset: cap on vectors per level; ``None`` keeps every position.
+        coreset: cap on vectors per level, one for all levels or one per level; ``None`` keeps
+            every position.
     """
+    caps = level_caps(coreset, len(features))
     fold_ids = sorted(set(folds))
     member = torch.as_tensor(list(folds))
     per_fold: list[list[torch.Tensor]] = [[] for _ in fold_ids]
-    for level in features:
+    for level, cap in zip(features, caps):
         for j, f in enumerate(fold_ids):
             vectors = position_vectors(level[member == f]).reshape(-1, level.shape[1])
-            per_fold[j].append(_capped(vectors, coreset, seed))
+            per_fold[j].append(_capped(vectors, cap, seed))
 
     def union(parts: Sequence[int]) -> ProductBank:
-        levels = [_capped(torch.cat([per_fold[j][l] for j in parts]), coreset, seed).to(BANK_DTYPE).contiguous()
+        levels = [_capped(torch.cat([per_fold[j][l] for j in parts]), caps[l], seed).to(BANK_DTYPE).contiguous()
                   for l in range(len(features))]
         rows = torch.cat([torch.nonzero(member == fold_ids[j]).flatten() for j in parts])
         proto = F.normalize(prototype_of(features[-1][rows]).mean(0), dim=0)

@@ -36,7 +36,8 @@ class BankConfig:
 
     shots: int = 4
     images: int = 64  # most images whose positions enter a product's bank (the most diverse when more)
-    coreset: int | None = 1024  # max vectors per level (greedy k-center); None keeps every position
+    # max vectors per level (greedy k-center): one cap for every level or one per level; None keeps every position
+    coreset: int | tuple[int | None, ...] | None = 1024
     chunk: int = 2048  # bank vectors per matmul chunk: bounds (B, P, chunk) similarity memory
 
 
