@@ -23,8 +23,9 @@ import torch
 
 from inspector.artifact import load_artifact
 from inspector.banks.normal import DEFAULT_METHOD
-from inspector.cli import format_summary
+from inspector.cli import coreset_arg, format_summary
 from inspector.model import ModelConfig
+from inspector.model.bank import describe_coreset
 from inspector.model.config import CALIBRATION_MODES, CONSTRAINTORS, SCORINGS
 from trainer.calibrate import CalibrationConfig
 from trainer.evaluate import EvalConfig, evaluate
@@ -163,9 +164,9 @@ def main() -> int:
     p.add_argument("--stream-frames", type=int, default=200, help="simulated stream per class (0: none)")
     p.add_argument("--bank-images", type=int, default=ModelConfig().bank.images,
                    help="most registration images in a product's bank (4: the bank of k shots only)")
-    p.add_argument("--coreset", type=int, default=1024,
-                   help="bank vectors kept per level (greedy k-center; 0: all). 1024 cost at most 0.002 image "
-                        "AUROC in benchmarks/results/banks.md and makes the nearest-neighbour search ~10x cheaper")
+    p.add_argument("--coreset", type=coreset_arg, default=ModelConfig().bank.coreset,
+                   help="bank vectors kept per level, one cap or one per level (greedy k-center; 0 or all: every "
+                        "position; default 1024,4096,4096, benchmarks/results/bank_caps_pixel.json)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = parse_checked(p)
@@ -208,7 +209,7 @@ def write_summary(out: Path, result: dict[str, object]) -> None:
             f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s (steps {r['settings']['steps']}, "
             f"registration images {r['settings'].get('registration_images')}, test images per class "
             f"{r['settings'].get('test_per_class') or 'all'}, draws {r['settings']['draws']}, bank coreset "
-            f"{r['settings']['model']['bank'].get('coreset') or 'none'} vectors per level)",
+            f"{describe_coreset(r['settings']['model']['bank'].get('coreset'))} vectors per level)",
             "", "```", r["table"], "```", "",
         ]
     (out / "summary.md").write_text("\n".join(lines))

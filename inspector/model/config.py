@@ -36,8 +36,10 @@ class BankConfig:
 
     shots: int = 4
     images: int = 64  # most images whose positions enter a product's bank (the most diverse when more)
-    # max vectors per level (greedy k-center): one cap for every level or one per level; None keeps every position
-    coreset: int | tuple[int | None, ...] | None = 1024
+    # Max vectors per level (greedy k-center): one cap for every level or one per level; None keeps
+    # every position. Levels 2 and 3 keep 4096: they carry the pixel maps of 50-image banks, and
+    # cost little to search (benchmarks/results/bank_caps_pixel.json).
+    coreset: int | tuple[int | None, ...] | None = (1024, 4096, 4096)
     chunk: int = 2048  # bank vectors per matmul chunk: bounds (B, P, chunk) similarity memory
 
 
