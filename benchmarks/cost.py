@@ -1,6 +1,7 @@
 """Inference cost of the inspection model: multiply-accumulates by stage and measured CPU time.
 
-    python benchmarks/cost.py [--artifact DIR] [--batch 1,8] [--products 2] [--repeats 5]
+    python benchmarks/cost.py [--artifact DIR | --input-size S --coreset A,B,C] [--batch 1,8] [--products 2]
+                              [--repeats 5]
 
 MACs are counted with ``torch.utils.flop_counter`` (FLOPs / 2) for one image; times are medians
 over ``--repeats`` runs after a warm-up, per stage and for the whole ``forward``.
@@ -9,6 +10,7 @@ over ``--repeats`` runs after a warm-up, per stage and for the whole ``forward``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import commit, machine  # noqa: E402
 
 from inspector.artifact import load_artifact  # noqa: E402
+from inspector.cli import coreset_arg  # noqa: E402
 from inspector.engine import bank_capacity  # noqa: E402
 from inspector.model import Analysis, InspectionModel, ModelConfig, build_bank, stack_banks  # noqa: E402
 
@@ -72,9 +75,18 @@ def main() -> int:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--products", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--input-size", type=int, help="without --artifact: the default model at this input size")
+    p.add_argument("--coreset", type=coreset_arg, help="without --artifact: this cap per level instead of the default")
     p.add_argument("--out", default="benchmarks/results/cost.json")
     args = p.parse_args()
-    model = load_artifact(args.artifact)[0] if args.artifact else InspectionModel(ModelConfig()).eval()
+    if args.artifact and (args.input_size or args.coreset):
+        p.error("--input-size and --coreset apply to the default model, not to an --artifact")
+    cfg = ModelConfig()
+    if args.input_size:
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=args.input_size))
+    if args.coreset:
+        cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, coreset=args.coreset))
+    model = load_artifact(args.artifact)[0] if args.artifact else InspectionModel(cfg).eval()
     s = model.input_size
     torch.manual_seed(0)
     with torch.no_grad():
