@@ -157,15 +157,15 @@ def _add(args, cfg, store) -> int:
     if any(c is None for c in caps) and args.coreset is not None:
         raise BankError("bad_argument", f"--coreset must be a positive count per level, got {describe_coreset(coreset)}")
     images = read_shots(args.images, model.input_size)
+    capacity = bank_capacity(model)
+    distinct = min(len({im.sha256 for im in images}), bank_images)  # the bank's images: known before any feature
+    expected = [min(distinct * h * w, cap or distinct * h * w) for (h, w), cap in zip(model.grids, caps)]
+    _refuse_over_capacity([(n, got, c) for n, (got, c) in enumerate(zip(expected, capacity)) if got > c],
+                          capacity, bank_cfg.images)
     say = lambda msg: print(f"[bank] {msg}", file=sys.stderr)  # noqa: E731
     reg = register_product(model, card.signature, card.model_id, args.product, images, bank_images, coreset,
                            args.seed, progress=say, min_images=shots)
-    capacity = bank_capacity(model)
-    over = over_capacity(reg.bank, capacity)
-    if over:
-        raise BankError("bank_too_large", "the bank would not fit the model's compiled capacity ("
-                        + ", ".join(f"level {n + 1}: {got} vectors, capacity {c}" for n, got, c in over)
-                        + f"): register with --bank-images {bank_cfg.images} or fewer, or --coreset {','.join(map(str, capacity))}")
+    _refuse_over_capacity(over_capacity(reg.bank, capacity), capacity, bank_cfg.images)
     if reg.meta.candidates > len(reg.chosen):
         say(f"picked the {len(reg.chosen)} most diverse of {reg.meta.candidates} images for the bank; the others "
             f"were scored against it")
@@ -180,6 +180,17 @@ def _add(args, cfg, store) -> int:
             f"uncertain until self-calibration (stream) or `inspector bank feedback` refines them; register from "
             f"30 or more good images to avoid this")
     return 0
+
+
+def _refuse_over_capacity(over, capacity, card_images: int) -> None:
+    """``bank_too_large`` naming each level ``(level, vectors, capacity)`` that does not fit."""
+    from .banks import BankError
+
+    if over:
+        raise BankError("bank_too_large", "the bank would not fit the model's compiled capacity ("
+                        + ", ".join(f"level {n + 1}: {got} vectors, capacity {c}" for n, got, c in over)
+                        + f"): register with --bank-images {card_images} or fewer, or --coreset "
+                        + ",".join(map(str, capacity)))
 
 
 FEEDBACK_TRIES = 3  # compare-and-set retries when a worker writes the statistics at the same moment

@@ -169,7 +169,7 @@ def test_registration_inputs_are_checked_and_nothing_is_written(capsys, artifact
 def test_bank_images_and_capacity(capsys, artifact, good_images, store_url) -> None:
     """``--bank-images`` caps the images in the bank (the rest are scored against it); a bank that
     would not fit the model's fixed capacity (64 px: 256 level-1 positions per image, capacity
-    1024 vectors) is refused before anything is written."""
+    1024 vectors) is refused before anything is computed or written."""
     base = ("--line", "3", "--store", store_url)
     code, out, err = run(capsys, "bank", "add", *base, "--product", "two", "--artifact", str(artifact),
                          "--bank-images", "2", str(good_images))
@@ -178,6 +178,7 @@ def test_bank_images_and_capacity(capsys, artifact, good_images, store_url) -> N
     code, _, err = run(capsys, "bank", "add", *base, "--product", "big", "--artifact", str(artifact),
                        "--coreset", "2048", str(good_images))
     assert code == 2 and "level 1: 1536 vectors, capacity 1024" in err, err
+    assert "do not contain them" not in err  # refused from the image count, before any feature was computed
     assert run(capsys, "bank", "show", *base, "--product", "big")[0] == 3  # nothing was written
     code, _, err = run(capsys, "bank", "add", *base, "--product", "neg", "--artifact", str(artifact),
                        "--bank-images", "0", str(good_images))
