@@ -208,6 +208,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     sel = t["scoring"]["selection"]
     print(f"  scoring: {t['scoring']['shipped']}" + (f" ({sel['reason']})" if isinstance(sel, dict) else " (given)"))
     print(f"  thresholds at FRR {card.false_reject_rate}: " + ", ".join(f"{m} {v:.3f}" for m, v in t["thresholds"].items()))
+    per_class = t["holdout"].get("per_class") or {}
+    if per_class:
+        print("  held-out good images at the shipped threshold: " + ", ".join(
+            f"{c} median {s['median']:.2f}, p99 {s['p99']:.2f}, FRR {s['false_reject_rate']:.1%}" for c, s in per_class.items()))
     print(f"  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t["seconds"].items()))
     return 0
 

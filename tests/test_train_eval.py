@@ -34,6 +34,10 @@ def test_train_writes_a_complete_card(trained: tuple[Path, Path]) -> None:
     assert card.model_config.score.threshold == t["thresholds"]["bank"]  # the shipped default calibration
     assert card.backbone["weights_sha256"] is None  # random backbone is recorded as such
     assert len(t["data_digest"]) == 64 and t["stage1"]["steps"] == 4
+    per_class = t["holdout"]["per_class"]  # which source class's good images set the threshold
+    assert set(per_class) == {"tiles", "rings"} and sum(s["n"] for s in per_class.values()) == t["holdout"]["n"]
+    pooled = t["holdout"]["false_reject_rate"]["bank"]
+    assert min(s["false_reject_rate"] for s in per_class.values()) <= pooled <= max(s["false_reject_rate"] for s in per_class.values())
     log = (model.parent / "model.work" / "train_log.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["step"] == 4
 

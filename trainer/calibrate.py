@@ -151,7 +151,8 @@ def holdout_scores(
     model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Scores of every held-out normal image, per calibration mode, over ``cfg.draws`` bank draws.
+    """Scores of every held-out normal image, per calibration mode, over ``cfg.draws`` bank draws,
+    with the index of its source class (``class``) and whether it was routed to it.
 
     Each draw registers every source class from ``registration_images`` random fit images, as
     ``inspector bank add`` does (k diverse shots in the bank, the rest cross-scored for the normal
@@ -159,6 +160,7 @@ def holdout_scores(
     """
     scores: dict[str, list[torch.Tensor]] = {m: [] for m in CALIBRATION_MODES}
     scores["routed_correctly"] = []
+    scores["class"] = []
     for _ in tqdm(range(cfg.draws), desc="threshold draws", unit="draw", disable=not progress):
         banks = []
         for mat in classes:
@@ -174,7 +176,21 @@ def holdout_scores(
                 for mode in CALIBRATION_MODES:
                     scores[mode].append(model.inspect(analysis, mode).score)
                 scores["routed_correctly"].append((analysis.product == c).float())
+                scores["class"].append(torch.full((feats[0].shape[0],), c, dtype=torch.long))
     return {m: torch.cat(v).numpy() for m, v in scores.items()}
+
+
+def holdout_by_class(scores: dict[str, np.ndarray], names: Sequence[str], mode: str, threshold: float) -> dict:
+    """Per source class: held-out count, median, 99th percentile and maximum score in ``mode``, and
+    the false-reject rate at ``threshold``: which class's good images set the line threshold."""
+    out = {}
+    for c, name in enumerate(names):
+        s = scores[mode][scores["class"] == c]
+        if len(s):
+            out[name] = {"n": int(len(s)), "median": round(float(np.median(s)), 4),
+                         "p99": round(float(np.quantile(s, 0.99)), 4), "max": round(float(s.max()), 4),
+                         "false_reject_rate": round(float((s > threshold).mean()), 4)}
+    return out
 
 
 def thresholds(scores: dict[str, np.ndarray], rate: float) -> dict[str, float]:

@@ -103,6 +103,7 @@ def train(
             "n": int(len(held["cada"])),
             "routing_accuracy": float(held["routed_correctly"].mean()),
             "false_reject_rate": {m: float((held[m] > thresholds[m]).mean()) for m in thresholds},
+            "per_class": calibrate.holdout_by_class(held, [c.name for c in classes], mode, thresholds[mode]),
         },
         "stage1": stage1,
         "scoring": {"shipped": model_cfg.score.scoring,
