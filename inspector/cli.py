@@ -69,8 +69,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, help="fewest good images a product is registered from; the flow's query "
                                               "banks and the plain-distance baseline use this many (default 4)")
     p.add_argument("--bank-images", type=int, help="most good images in a product's bank (default 64)")
-    p.add_argument("--coreset", type=coreset_arg, help="cap on bank vectors per level: one for every level (default "
-                                                     "1024) or one per level, e.g. 4096,1024,1024 ('all': no cap)")
+    p.add_argument("--coreset", type=coreset_arg, help="cap on bank vectors per level: one for every level or one "
+                                                     "per level (default 1024,4096,4096; 'all': no cap)")
     p.add_argument("--calibration", choices=("cada", "bank", "none"),  # model.config.CALIBRATION_MODES
                    help="shipped calibration mode (default bank: each product's own normal statistics)")
     p.add_argument("--scoring", choices=("select", "distance", "flow"),  # "select" + model.config.SCORINGS

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 
-
 def coreset_arg(text: str):
     """argparse type of ``--coreset``: one cap, one per level, or ``all``."""
     from .model.bank import parse_coreset
@@ -24,6 +23,7 @@ def coreset_arg(text: str):
         return parse_coreset(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
 
 def add_bank_parser(sub: argparse._SubParsersAction) -> None:
     bank = sub.add_parser("bank", help="manage a line's reference banks (products)")
@@ -138,7 +138,7 @@ def _add(args, cfg, store) -> int:
     from .banks.register import read_shots, register_product
 
     from .banks.watcher import over_capacity
-    from .engine import bank_capacity
+    from .engine import bank_capacity, bank_vectors
     from .model.bank import describe_coreset, level_caps
 
     t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def _add(args, cfg, store) -> int:
     images = read_shots(args.images, model.input_size)
     capacity = bank_capacity(model)
     distinct = min(len({im.sha256 for im in images}), bank_images)  # the bank's images: known before any feature
-    expected = [min(distinct * h * w, cap or distinct * h * w) for (h, w), cap in zip(model.grids, caps)]
+    expected = bank_vectors(model, distinct, caps)
     _refuse_over_capacity([(n, got, c) for n, (got, c) in enumerate(zip(expected, capacity)) if got > c],
                           capacity, bank_cfg.images)
     say = lambda msg: print(f"[bank] {msg}", file=sys.stderr)  # noqa: E731

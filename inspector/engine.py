@@ -43,12 +43,17 @@ class EngineSettings:
     products: int | None = None  # bank rows the engine is given (capacity_products)
 
 
+def bank_vectors(model: InspectionModel, images: int, coreset) -> tuple[int, ...]:
+    """Vectors per level of a bank of ``images`` images under ``coreset``: every position, or the
+    level's cap."""
+    full = [images * h * w for h, w in model.grids]
+    return tuple(min(f, cap) if cap else f for f, cap in zip(full, level_caps(coreset, len(full))))
+
+
 def bank_capacity(model: InspectionModel) -> tuple[int, ...]:
     """Vectors per level a bank may hold: every position of the bank's most ``images``, or the
     coreset cap of that level."""
-    images = model.cfg.bank.images
-    full = [images * h * w for h, w in model.grids]
-    return tuple(min(f, cap) if cap else f for f, cap in zip(full, level_caps(model.cfg.bank.coreset, len(full))))
+    return bank_vectors(model, model.cfg.bank.images, model.cfg.bank.coreset)
 
 
 @dataclass(frozen=True)
