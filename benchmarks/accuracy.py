@@ -27,7 +27,7 @@ from inspector.cli import coreset_arg, format_summary
 from inspector.model import ModelConfig
 from inspector.model.bank import describe_coreset
 from inspector.model.config import CALIBRATION_MODES, CONSTRAINTORS, SCORINGS
-from trainer.calibrate import CalibrationConfig
+from trainer.calibrate import THRESHOLD_RULES, CalibrationConfig
 from trainer.evaluate import EvalConfig, evaluate
 from trainer.fit import FitConfig
 from trainer.train import TrainConfig, parse_views, train
@@ -99,7 +99,8 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
         synthetic_sources=tuple(n for n in args.synthetic_sources.split(",") if n),
         source_views=parse_views(args.source_views),
         select_scoring=args.scoring == "select",
-        fit=FitConfig(steps=args.steps), calibration=CalibrationConfig(registration_images=args.registration_images),
+        fit=FitConfig(steps=args.steps),
+        calibration=CalibrationConfig(registration_images=args.registration_images, threshold_rule=args.threshold_rule),
     )
     t0 = time.perf_counter()
     card = train(model_config(args), cfg, Path(args.runs) / f"split{name}" / "model", Path(args.runs) / f"split{name}" / "work",
@@ -114,6 +115,7 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
     summary = {"split": name, "source": source, "target": target, "fit_seconds": round(fit_seconds, 1),
                "eval_seconds": round(time.perf_counter() - t1, 1), "table": format_summary(report),
                "bar": bar_keys(report, model.cfg.score.calibration, model.cfg.score.scoring)}
+    summary["bar"]["threshold_rule"] = card.training.get("threshold_rule")
     print(f"== split {name}: fit on {source}, evaluate on {target}\n{summary['table']}", flush=True)
     return summary
 
@@ -160,6 +162,8 @@ def main() -> int:
                    help="select: leave-one-source-class-out choice, as inspector train does (4 fits per split)")
     p.add_argument("--calibration", default=ModelConfig().score.calibration, choices=CALIBRATION_MODES)
     p.add_argument("--registration-images", type=int, default=50, help="good images each class is registered from")
+    p.add_argument("--threshold-rule", default=CalibrationConfig.threshold_rule, choices=THRESHOLD_RULES,
+                   help="how the source classes' held-out good scores place the line threshold")
     p.add_argument("--test-per-class", type=int, default=200, help="random test images per class (0: all)")
     p.add_argument("--stream-frames", type=int, default=200, help="simulated stream per class (0: none)")
     p.add_argument("--bank-images", type=int, default=ModelConfig().bank.images,

@@ -86,6 +86,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-views", default=None,
                    help="appearance changes added as extra source classes, e.g. rot90,invert,zoom ('' for none)")
     p.add_argument("--target-frr", type=float, help="false-reject rate the threshold is set at")
+    p.add_argument("--threshold-rule", choices=("class_median", "pooled", "class_mean"),  # trainer.calibrate.THRESHOLD_RULES
+                   help="how the source classes' held-out good images place the line threshold: 'class_median' "
+                        "(default) the median of each class's own threshold at the target rate, 'pooled' all "
+                        "classes' images together (the heaviest-tailed class sets it), 'class_mean' their mean")
     p.add_argument("--cada-epochs", type=int, help="CADA head epochs")
     p.add_argument("--synthetic-sources", default="",
                    help="generated products added as extra source classes, e.g. tiles,rings,weave,dots")
@@ -172,6 +176,8 @@ def train_config_from(args: argparse.Namespace, weights: str | None):
         cal = dataclasses.replace(cal, target_false_reject_rate=args.target_frr)
     if args.cada_epochs:
         cal = dataclasses.replace(cal, epochs=args.cada_epochs)
+    if getattr(args, "threshold_rule", None):
+        cal = dataclasses.replace(cal, threshold_rule=args.threshold_rule)
     if args.registration_images:
         cal = dataclasses.replace(cal, registration_images=args.registration_images)
     extra = {"images_per_class": args.images_per_class} if args.images_per_class else {}
@@ -207,7 +213,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  source classes {', '.join(t['source_classes'])}; backbone weights {card.backbone['weights_sha256'] or 'RANDOM'}")
     sel = t["scoring"]["selection"]
     print(f"  scoring: {t['scoring']['shipped']}" + (f" ({sel['reason']})" if isinstance(sel, dict) else " (given)"))
-    print(f"  thresholds at FRR {card.false_reject_rate}: " + ", ".join(f"{m} {v:.3f}" for m, v in t["thresholds"].items()))
+    print(f"  thresholds at FRR {card.false_reject_rate} ({t.get('threshold_rule', 'pooled')}): "
+          + ", ".join(f"{m} {v:.3f}" for m, v in t["thresholds"].items()))
+    if t.get("threshold_by_rule"):
+        print("  shipped mode's threshold by rule: " + ", ".join(f"{r} {v:.3f}" for r, v in t["threshold_by_rule"].items()))
     per_class = t["holdout"].get("per_class") or {}
     if per_class:
         print("  held-out good images at the shipped threshold: " + ", ".join(

@@ -403,6 +403,6 @@ def _write_overlays(out: Path, stream, results) -> None:
         "<!doctype html><meta charset='utf-8'><title>Inspector demo heatmaps</title>"
         "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px}</style>"
         "<h1>Inspector demo: frames and calibrated anomaly maps</h1><p>Left: the frame as the model "
-        "sees it. Right: red where the calibrated map is high (0 = a typical good part, 1 = about the 99th "
-        "percentile of the product's good parts; the line threshold is on the same scale).</p>"
+        "sees it. Right: red where the calibrated map is high (1 = the highest image score among the "
+        "product's good registration images; the line threshold is on the same scale).</p>"
         + rows)

@@ -27,7 +27,9 @@ from inspector.banks.normal import (
     bounded_step,
     calibrated,
     raw_from_calibrated,
+    sample_is_degenerate,
     scale_of,
+    stream_scale_of,
 )
 from inspector.banks.register import ShotImage, extract, fold_of, register_features, register_product
 from inspector.banks.watcher import BankWatcher
@@ -67,13 +69,40 @@ def test_quantile_scale_is_median_and_95th_percentile() -> None:
     assert int((calibrated(scores, u, gamma) > 1.0 + 1e-12).sum()) == 25
 
 
-def test_default_scale_is_median_and_maximum() -> None:
+def test_default_scale_is_the_ratio_to_the_maximum() -> None:
     scores = np.random.default_rng(1).gamma(2.0, 0.1, 46)
     u, gamma = scale_of(scores)
-    assert DEFAULT_METHOD == "median_max"
-    assert (u, gamma) == (pytest.approx(np.median(scores), rel=1e-12), pytest.approx(scores.max(), rel=1e-12))
+    assert DEFAULT_METHOD == "max"
+    assert u == 0.0 and gamma == pytest.approx(scores.max(), rel=1e-12)
     cal = calibrated(scores, u, gamma)
-    assert cal.max() == pytest.approx(1.0) and np.median(cal) == pytest.approx(0.0, abs=1e-12)
+    assert cal.max() == pytest.approx(1.0) and cal == pytest.approx(scores / scores.max(), rel=1e-12)
+
+
+def test_median_and_maximum_scale_puts_the_median_at_zero() -> None:
+    scores = np.random.default_rng(1).gamma(2.0, 0.1, 46)
+    u, gamma = scale_of(scores, "median_max")
+    assert (u, gamma) == (pytest.approx(np.median(scores), rel=1e-12), pytest.approx(scores.max(), rel=1e-12))
+
+
+def test_stream_refresh_keeps_the_ratio_scale_zero() -> None:
+    # a stream refresh on the "max" scale moves only the upper anchor: 0 stays 0, so a refreshed
+    # product's scores remain fractions of its (robustly estimated) good-part maximum
+    scores = np.random.default_rng(2).normal(0.2, 0.01, 400)
+    u, gamma = stream_scale_of(scores, "max")
+    assert u == 0.0
+    # the anchor: median + Z_MAX_50 robust sigmas; sigma of 0.01 with 400 samples is known to ~10%
+    assert gamma == pytest.approx(0.2 + 2.06 * 0.01, abs=0.004)
+    mu, mgamma = stream_scale_of(scores, "median_max")
+    assert mu == pytest.approx(0.2, abs=0.003) and mgamma == pytest.approx(gamma, abs=1e-12)
+
+
+def test_identical_good_scores_are_reported_degenerate_on_every_scale() -> None:
+    assert sample_is_degenerate([0.5] * 10)
+    assert not sample_is_degenerate([0.5, 0.52, 0.55, 0.6])
+    u, gamma = scale_of([0.5] * 10, "max")  # the ratio scale stays finite on copies
+    assert (u, gamma) == (0.0, 0.5)
+    u, gamma = scale_of([0.0] * 4, "max")  # and on an all-zero sample, with a floor
+    assert u == 0.0 and gamma > 0
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -361,9 +390,10 @@ def test_stream_statistics_hold_with_five_percent_defects_in_the_sample() -> Non
     calib.adopt(stats(scores=(0.19, 0.2, 0.21)))  # thin: learns from every frame
     feed(calib, "valve-a", stream)
     learned = calib.current("valve-a")
-    true_u, true_gamma = 0.2, 0.2 + Z_MAX_50 * 0.02
-    assert learned.source == "stream" and learned.method == DEFAULT_METHOD
-    assert abs(learned.u - true_u) < 0.15 * (true_gamma - true_u)
-    assert abs(learned.gamma - true_gamma) < 0.15 * (true_gamma - true_u)
+    spread = Z_MAX_50 * 0.02  # the good parts' anchor above their median
+    true_gamma = 0.2 + spread
+    assert learned.source == "stream" and learned.method == DEFAULT_METHOD == "max"
+    assert learned.u == 0.0  # the ratio scale keeps its zero
+    assert abs(learned.gamma - true_gamma) < 0.15 * spread
     naive = scale_of(stream)[1]
-    assert naive - true_gamma > 0.5 * (true_gamma - true_u)  # what the plain statistic would have learned
+    assert naive - true_gamma > 0.5 * spread  # what the plain statistic would have learned

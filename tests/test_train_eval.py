@@ -38,8 +38,33 @@ def test_train_writes_a_complete_card(trained: tuple[Path, Path]) -> None:
     assert set(per_class) == {"tiles", "rings"} and sum(s["n"] for s in per_class.values()) == t["holdout"]["n"]
     pooled = t["holdout"]["false_reject_rate"]["bank"]
     assert min(s["false_reject_rate"] for s in per_class.values()) <= pooled <= max(s["false_reject_rate"] for s in per_class.values())
+    assert t["threshold_rule"] == "class_median"  # the default; every rule's threshold is recorded
+    assert set(t["threshold_by_rule"]) == {"class_median", "pooled", "class_mean"}
+    assert t["threshold_by_rule"]["class_median"] == pytest.approx(t["thresholds"]["bank"], abs=1e-4)  # rounded to 4 places
     log = (model.parent / "model.work" / "train_log.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["step"] == 4
+
+
+def test_threshold_rules_on_a_heavy_tailed_source_class() -> None:
+    import numpy as np
+
+    from trainer.calibrate import THRESHOLD_RULES, CalibrationConfig, place_threshold
+
+    # three source classes of 100 held-out good scores: two alike (tails at 0.99 and 1.09), one
+    # with a heavy tail (2.0 to 2.99); the 1% threshold of each is its 2nd-highest score
+    a, b, c = np.linspace(0.0, 0.99, 100), np.linspace(0.1, 1.09, 100), np.linspace(0.1, 1.0, 100)
+    c[-10:] = np.linspace(2.0, 2.99, 10)
+    scores, cls = np.concatenate([a, b, c]), np.repeat([0, 1, 2], 100)
+    per = [0.98, 1.08, 2.88]
+    assert place_threshold(scores, cls, 0.01, "class_median") == pytest.approx(per[1])
+    assert place_threshold(scores, cls, 0.01, "class_mean") == pytest.approx(np.mean(per))
+    # pooled: 300 scores, at most 3 above: the heavy-tailed class's 4th-highest sets the line
+    assert place_threshold(scores, cls, 0.01, "pooled") == pytest.approx(c[-4])
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        place_threshold(scores, cls, 0.01, "unit")
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        CalibrationConfig(threshold_rule="max")
+    assert CalibrationConfig().threshold_rule in THRESHOLD_RULES
 
 
 def test_eval_reports_every_mode_and_the_mixed_pool(trained: tuple[Path, Path], tmp_path: Path,
@@ -123,6 +148,15 @@ def test_cli_offers_every_constraintor_the_model_knows() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     choices = next(a.choices for a in sub.choices["train"]._actions if a.dest == "constraintor")
     assert tuple(choices) == CONSTRAINTORS  # the CLI lists them without importing torch
+
+
+def test_cli_offers_every_threshold_rule_the_trainer_knows() -> None:
+    from inspector.cli import build_parser
+    from trainer.calibrate import THRESHOLD_RULES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    choices = next(a.choices for a in sub.choices["train"]._actions if a.dest == "threshold_rule")
+    assert tuple(choices) == THRESHOLD_RULES
 
 
 def test_eval_what_if_bank_shape(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -43,7 +43,22 @@ class CalibrationConfig:
     draws: int = 8
     registration_images: int = 50  # good images each source class is registered from (bank + normal statistics)
     target_false_reject_rate: float = 0.01
+    # How the source classes' held-out good scores place the line threshold (THRESHOLD_RULES):
+    # the median over source classes of each one's own threshold at the target rate, so one
+    # source class with a heavy tail does not set the line for every product
+    # (benchmarks/results/threshold_rules.md).
+    threshold_rule: str = "class_median"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"unknown threshold rule {self.threshold_rule!r}: use one of {THRESHOLD_RULES}")
+
+
+# pooled: the target quantile of every source class's held-out good scores together (the class
+# with the heaviest tail sets the line); class_median / class_mean: the median / mean over source
+# classes of each class's own threshold at the target rate.
+THRESHOLD_RULES = ("class_median", "pooled", "class_mean")
 
 
 @torch.no_grad()
@@ -193,6 +208,20 @@ def holdout_by_class(scores: dict[str, np.ndarray], names: Sequence[str], mode: 
     return out
 
 
-def thresholds(scores: dict[str, np.ndarray], rate: float) -> dict[str, float]:
-    """Threshold per calibration mode at the target false-reject rate on held-out normals."""
-    return {m: float(threshold_at_false_reject_rate(scores[m], rate)) for m in CALIBRATION_MODES}
+def place_threshold(scores: np.ndarray, class_of: np.ndarray, rate: float, rule: str) -> float:
+    """The line threshold from held-out good scores of several source classes by ``rule``
+    (``THRESHOLD_RULES``); ``class_of`` gives each score's class."""
+    if rule == "pooled":
+        return float(threshold_at_false_reject_rate(scores, rate))
+    per = [float(threshold_at_false_reject_rate(scores[class_of == c], rate)) for c in np.unique(class_of)]
+    if rule == "class_median":
+        return float(np.median(per))
+    if rule == "class_mean":
+        return float(np.mean(per))
+    raise ValueError(f"unknown threshold rule {rule!r}: use one of {THRESHOLD_RULES}")
+
+
+def thresholds(scores: dict[str, np.ndarray], rate: float, rule: str = "pooled") -> dict[str, float]:
+    """Threshold per calibration mode at the target false-reject rate on held-out normals, placed
+    by ``rule`` from the per-class scores (``scores["class"]``)."""
+    return {m: place_threshold(scores[m], scores["class"], rate, rule) for m in CALIBRATION_MODES}

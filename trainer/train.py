@@ -86,7 +86,8 @@ def train(
     stage2 = calibrate.fit_cada(model, train_set, val_set, cfg.calibration, progress)
     t3 = time.perf_counter()
     held = calibrate.holdout_scores(model, classes, cfg.calibration, rng, progress)
-    thresholds = calibrate.thresholds(held, cfg.calibration.target_false_reject_rate)
+    rate, rule = cfg.calibration.target_false_reject_rate, cfg.calibration.threshold_rule
+    thresholds = calibrate.thresholds(held, rate, rule)
     t4 = time.perf_counter()
     mode = model_cfg.score.calibration
     model.cfg = dataclasses.replace(
@@ -99,6 +100,9 @@ def train(
         "counts": {c.name: {"fit": int(c.fit[0].shape[0]), "holdout": int(c.holdout[0].shape[0]),
                             "anomalous": int(c.anomalous[0].shape[0])} for c in classes},
         "thresholds": thresholds,
+        "threshold_rule": rule,
+        "threshold_by_rule": {r: round(calibrate.place_threshold(held[model_cfg.score.calibration], held["class"], rate, r), 4)
+                              for r in calibrate.THRESHOLD_RULES},
         "holdout": {
             "n": int(len(held["cada"])),
             "routing_accuracy": float(held["routed_correctly"].mean()),

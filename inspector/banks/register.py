@@ -25,7 +25,7 @@ from ..model import InspectionModel
 from ..model.bank import (BankTensors, Coreset, ProductBank, build_fold_banks, describe_coreset, greedy_k_center,
                           prototype_of, stack_banks)
 from ..wire import FrameHeader
-from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, spread_is_floored
+from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, sample_is_degenerate, spread_is_floored
 from .record import BankError, BankMeta, check_name, content_digest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -276,10 +276,10 @@ def register_product(
         f"images (coreset {describe_coreset(coreset)}) and scoring {len(images)} images against banks that do not contain them")
     product_bank = register_features(model, product, feats, bank_images, coreset, seed, method)
     bank, normal, keep = product_bank.bank, product_bank.normal, product_bank.keep
-    if spread_is_floored(normal.u, normal.gamma):
+    if spread_is_floored(normal.u, normal.gamma) or sample_is_degenerate(normal.registration):
         say(f"warning: the good images of {product} scored almost identically (copies of one part?): "
-            f"their spread was raised to the floor of {MIN_SPREAD_FRACTION:.0%} of the typical score; "
-            f"register from images of different parts")
+            f"their tail was not measured (a spread floor of {MIN_SPREAD_FRACTION:.0%} of the typical score "
+            f"applies where the scale needs one); register from images of different parts")
     chosen = [images[i] for i in keep]
     meta = BankMeta(
         product=product,
