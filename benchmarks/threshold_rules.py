@@ -40,6 +40,7 @@ from inspector.banks.normal import METHODS, calibrated, scale_of
 from inspector.banks.register import raw_scores_against, register_features
 from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
 from trainer import metrics
+from trainer.calibrate import place_threshold
 from trainer.data import ImageCache, list_classes, list_samples
 from trainer.features import extract_features
 from trainer.features import select as select_rows
@@ -88,12 +89,11 @@ def calibrate_draw(d: dict, labels: np.ndarray, method: str) -> dict[str, np.nda
 
 
 def place(rule: str, per_class_good: list[np.ndarray], rate: float) -> float:
+    """The trainer's ``place_threshold`` on per-class arrays, plus ``unit`` (1.0, no source data)."""
     if rule == "unit":
         return 1.0
-    if rule == "pooled":
-        return float(metrics.threshold_at_false_reject_rate(np.concatenate(per_class_good), rate))
-    per = [float(metrics.threshold_at_false_reject_rate(g, rate)) for g in per_class_good]
-    return float(np.median(per) if rule == "class_median" else np.mean(per))
+    class_of = np.concatenate([np.full(len(g), i) for i, g in enumerate(per_class_good)])
+    return place_threshold(np.concatenate(per_class_good), class_of, rate, rule)
 
 
 def rates_at(classes: list[str], cal: dict, labels: dict, threshold: float, rate: float) -> dict:

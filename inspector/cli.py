@@ -176,7 +176,7 @@ def train_config_from(args: argparse.Namespace, weights: str | None):
         cal = dataclasses.replace(cal, target_false_reject_rate=args.target_frr)
     if args.cada_epochs:
         cal = dataclasses.replace(cal, epochs=args.cada_epochs)
-    if getattr(args, "threshold_rule", None):
+    if args.threshold_rule:
         cal = dataclasses.replace(cal, threshold_rule=args.threshold_rule)
     if args.registration_images:
         cal = dataclasses.replace(cal, registration_images=args.registration_images)

@@ -144,9 +144,7 @@ def spread_is_floored(u: float, gamma: float) -> bool:
 def sample_is_degenerate(scores: Sequence[float]) -> bool:
     """True when the good images' scores (almost) all coincide (identical copies): their tail,
     which the scale rests on, was not measured, whatever the method made of it."""
-    s = _finite_sample(scores)
-    u = float(np.median(s))
-    return float(s.max() - u) <= spread_floor(u) * (1 + 1e-9)
+    return spread_is_floored(*scale_of(scores, "median_max"))
 
 
 def calibrated(raw: np.ndarray | float, u: float, gamma: float) -> np.ndarray | float:
