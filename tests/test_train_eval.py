@@ -172,3 +172,63 @@ def test_eval_what_if_bank_shape(trained: tuple[Path, Path], tmp_path: Path) -> 
     with pytest.raises(SystemExit, match="--bank-images must be at least 1"):
         main(["eval", "--artifact", str(model), "--data", str(data), "--classes", "weave", "--out", str(tmp_path),
               "--bank-images", "0", "--quiet"])
+
+
+@pytest.mark.parametrize("scoring", ["distance", "flow"])
+def test_threshold_draws_never_score_a_registered_image(scoring: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each threshold draw scores every pool image it did not register and none it did; with the
+    distance the fit images join the pool (nothing was fitted on their maps), with a flow only
+    the held-out images are scored. Images are told apart by a unique value in one feature."""
+    import numpy as np
+    import torch
+
+    from .conftest import tiny_config
+    from inspector.model import InspectionModel
+    from trainer import calibrate
+    from trainer.dataset import ClassMaterial
+
+    torch.manual_seed(0)
+    model = InspectionModel(tiny_config(scoring=scoring)).eval()
+    tags = iter(range(1, 1000))
+
+    def material(name: str, n: int) -> list[torch.Tensor]:
+        feats = model.extract(torch.randint(0, 255, (n, 64, 64, 3), dtype=torch.uint8))
+        for i in range(n):
+            feats[-1][i, 0, 0, 0] = 100.0 + next(tags)
+        return feats
+
+    classes = [ClassMaterial(name, material(name, 10), material(name, 4), [], torch.zeros(0), torch.zeros(0))
+               for name in ("a", "b")]
+    registered: list[set[float]] = []
+    scored: list[set[float]] = []
+    real_register, real_analyse = calibrate.register_features, model.analyse
+
+    registering = [False]  # registration cross-scores through analyse too: those calls are not counted
+
+    def register(m, product, feats, *args, **kwargs):
+        registered.append({float(x) for x in feats[-1][:, 0, 0, 0]})
+        registering[0] = True
+        try:
+            return real_register(m, product, feats, *args, **kwargs)
+        finally:
+            registering[0] = False
+
+    def analyse(feats, *args, **kwargs):
+        if not registering[0]:
+            scored.append({float(x) for x in feats[-1][:, 0, 0, 0]})
+        return real_analyse(feats, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "register_features", register)
+    monkeypatch.setattr(model, "analyse", analyse)
+    cfg = calibrate.CalibrationConfig(draws=2, registration_images=6)
+    out = calibrate.holdout_scores(model, classes, cfg, np.random.default_rng(0), progress=False)
+    per_draw_scored = 14 - 6 if scoring == "distance" else 4  # per class and draw
+    assert len(out["class"]) == 2 * 2 * per_draw_scored and len(registered) == 4
+    assert out["in_fit"].any() == (scoring == "distance")  # which fit images a draw scores is random
+    for draw in range(2):
+        regs = set().union(*registered[2 * draw : 2 * draw + 2])
+        seen = set().union(*scored[draw * len(scored) // 2 : (draw + 1) * len(scored) // 2])  # draw after draw
+        assert not regs & seen and len(seen) == 2 * per_draw_scored
+    thresholds = calibrate.thresholds(out, 0.01, "class_median")
+    held = ~out["in_fit"]  # the CADA head's threshold comes from images it was not fitted on
+    assert thresholds["cada"] == pytest.approx(calibrate.place_threshold(out["cada"][held], out["class"][held], 0.01, "class_median"))

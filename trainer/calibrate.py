@@ -37,10 +37,10 @@ class CalibrationConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     # Registration draws per source class for the threshold: each registers every source class
-    # anew (which 50 images, which shots) and scores its held-out good images. With 2 draws the
-    # threshold moved by 0.1-0.3 between draw sets on the real splits (1.02 against 1.14, 1.59
-    # against 1.26): the pool of 8 averages that out.
-    draws: int = 8
+    # anew (which 50 images, which shots) and scores its other good images (threshold_pool). With
+    # 2 draws of the same 60 held-out images the threshold moved by 0.1-0.3 between draw sets;
+    # 4 draws over about 150 scored images each sample the tail from every image of the pool.
+    draws: int = 4
     registration_images: int = 50  # good images each source class is registered from (bank + normal statistics)
     target_false_reject_rate: float = 0.01
     # How the source classes' held-out good scores place the line threshold (THRESHOLD_RULES):
@@ -161,37 +161,65 @@ def fit_cada(
     return {"val_loss": best[0], "best_epoch": best[1], "epochs": cfg.epochs}
 
 
+def threshold_pool(model: InspectionModel, mat: ClassMaterial) -> tuple[list[torch.Tensor], np.ndarray]:
+    """A source class's good images a threshold draw may register from and score, and which of
+    them the fit saw (``in_fit``).
+
+    With the distance served nothing was fitted on the fit images' maps, so they join the
+    held-out ones: each draw scores every image it did not register, and the class's 1% tail
+    comes from about 200 distinct images rather than the same 60 in every draw (the tail of 60
+    images is nearly their maximum: one easy holdout set put a split's line threshold 0.11 below
+    where 180 images put it). With a fitted flow only the held-out images are scored.
+    """
+    if model.cfg.score.scoring != "distance":
+        return mat.holdout, np.zeros(mat.holdout[0].shape[0], dtype=bool)
+    pool = [torch.cat([h, f]) for h, f in zip(mat.holdout, mat.fit)]
+    return pool, np.arange(pool[0].shape[0]) >= mat.holdout[0].shape[0]
+
+
 @torch.no_grad()
 def holdout_scores(
     model: InspectionModel, classes: Sequence[ClassMaterial], cfg: CalibrationConfig, rng: np.random.Generator,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Scores of every held-out normal image, per calibration mode, over ``cfg.draws`` bank draws,
-    with the index of its source class (``class``) and whether it was routed to it.
+    """Scores of good source images not registered, per calibration mode, over ``cfg.draws``
+    registration draws, with the index of each one's source class (``class``), whether it was
+    routed to it and whether the fit saw it (``in_fit``: the CADA head was fitted on those, so
+    its threshold leaves them out).
 
-    Each draw registers every source class from ``registration_images`` random fit images, as
-    ``inspector bank add`` does (k diverse shots in the bank, the rest cross-scored for the normal
-    statistics), then routes the held-out images among them, as the worker would.
+    Each draw registers every source class from ``registration_images`` random images of its
+    pool (``threshold_pool``), as ``inspector bank add`` does (the bank, the rest cross-scored for
+    the normal statistics), then routes the pool's other images among them, as the worker would.
     """
     scores: dict[str, list[torch.Tensor]] = {m: [] for m in CALIBRATION_MODES}
-    scores["routed_correctly"] = []
-    scores["class"] = []
+    for key in ("routed_correctly", "class", "in_fit"):
+        scores[key] = []
+    pools = [threshold_pool(model, mat) for mat in classes]
     for _ in tqdm(range(cfg.draws), desc="threshold draws", unit="draw", disable=not progress):
-        banks = []
-        for mat in classes:
-            n = mat.fit[0].shape[0]
-            images = select(mat.fit, np.sort(rng.choice(n, size=min(n, cfg.registration_images), replace=False)))
-            reg = register_features(model, mat.name, images, model.cfg.bank.images, model.cfg.bank.coreset)
-            banks.append(reg.bank)
+        banks, scored = [], []
+        for mat, (pool, _) in zip(classes, pools):
+            n = pool[0].shape[0]
+            if model.cfg.score.scoring == "distance":
+                take = min(n - 1, cfg.registration_images)
+                reg = np.sort(rng.choice(n, size=take, replace=False))
+                scored.append(np.setdiff1d(np.arange(n), reg))
+                images = select(pool, reg)
+            else:  # the flow saw the fit images: register from them, score the held-out ones
+                m = mat.fit[0].shape[0]
+                images = select(mat.fit, np.sort(rng.choice(m, size=min(m, cfg.registration_images), replace=False)))
+                scored.append(np.arange(n))
+            banks.append(register_features(model, mat.name, images, model.cfg.bank.images, model.cfg.bank.coreset).bank)
         stacked = stack_banks(banks)
-        for c, mat in enumerate(classes):
-            for start in range(0, mat.holdout[0].shape[0], 8):
-                feats = select(mat.holdout, range(start, min(start + 8, mat.holdout[0].shape[0])))
-                analysis = model.analyse(feats, stacked)
+        for c, (pool, in_fit) in enumerate(pools):
+            rows = scored[c]
+            for start in range(0, len(rows), 8):
+                part = rows[start : start + 8]
+                analysis = model.analyse(select(pool, part), stacked)
                 for mode in CALIBRATION_MODES:
                     scores[mode].append(model.inspect(analysis, mode).score)
                 scores["routed_correctly"].append((analysis.product == c).float())
-                scores["class"].append(torch.full((feats[0].shape[0],), c, dtype=torch.long))
+                scores["class"].append(torch.full((len(part),), c, dtype=torch.long))
+                scores["in_fit"].append(torch.as_tensor(in_fit[part]))
     return {m: torch.cat(v).numpy() for m, v in scores.items()}
 
 
@@ -223,5 +251,10 @@ def place_threshold(scores: np.ndarray, class_of: np.ndarray, rate: float, rule:
 
 def thresholds(scores: dict[str, np.ndarray], rate: float, rule: str = "pooled") -> dict[str, float]:
     """Threshold per calibration mode at the target false-reject rate on held-out normals, placed
-    by ``rule`` from the per-class scores (``scores["class"]``)."""
-    return {m: place_threshold(scores[m], scores["class"], rate, rule) for m in CALIBRATION_MODES}
+    by ``rule`` from the per-class scores (``scores["class"]``); the CADA head's from the images
+    it was not fitted on (``scores["in_fit"]`` false)."""
+    out = {}
+    for m in CALIBRATION_MODES:
+        keep = ~scores["in_fit"].astype(bool) if m == "cada" and "in_fit" in scores else slice(None)
+        out[m] = place_threshold(scores[m][keep], scores["class"][keep], rate, rule)
+    return out

@@ -126,15 +126,26 @@ def build_bank(
 def greedy_k_center(vectors: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
     """Indices of ``count`` vectors chosen by greedy farthest-point (k-center) selection.
 
-    Squared distances are updated as ``|x|^2 - 2 x.c + |c|^2``: one matrix-vector product per
-    centre instead of an ``(N, C)`` difference, which is what makes a bank of 50 images fast.
+    For unit vectors (every bank and prototype) the squared distance is ``2 - 2 x.c``, so the
+    farthest point is the one whose highest similarity to a chosen centre is lowest: one
+    row-times-matrix product and one in-place maximum per centre. Other vectors
+    update squared distances as ``|x|^2 - 2 x.c + |c|^2``. Either way no ``(N, C)`` difference is
+    formed, which is what makes a bank of 50 images fast.
     """
-    vectors = vectors.float()
+    vectors = vectors.float().contiguous()
     gen = torch.Generator().manual_seed(seed)
     first = int(torch.randint(vectors.shape[0], (1,), generator=gen))
     chosen = torch.empty(count, dtype=torch.long)
     chosen[0] = first
     norms = vectors.pow(2).sum(1)
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        columns = vectors.t().contiguous()  # (C, N): a row-times-matrix product is the fast one here
+        best = vectors[first] @ columns  # highest similarity of each vector to any chosen centre
+        for i in range(1, count):
+            nxt = int(best.argmin())
+            chosen[i] = nxt
+            torch.maximum(best, columns[:, nxt] @ columns, out=best)
+        return chosen
     dist = norms - 2 * (vectors @ vectors[first]) + norms[first]
     for i in range(1, count):
         nxt = int(dist.argmax())
