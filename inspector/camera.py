@@ -26,9 +26,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence, TextIO
 
 import numpy as np
 import zmq
-from PIL import Image
 
-from .decode import DEFAULT_JPEG_QUALITY, encode_jpeg, encode_png
+from .decode import DEFAULT_JPEG_QUALITY, encode_jpeg, encode_png, load_image_file
 from .security import optional_client_configurer
 from .wire import CAMERA_PATTERN, ENCODINGS, FrameHeader, encode_frame
 
@@ -59,9 +58,6 @@ GENERATED_SIZE = 128  # the synthetic generator's native size (its widths are tu
 RUN_ID_BYTES = 4  # 8 hex chars: two runs of one camera collide with odds of 1 in 4 billion
 SEQ_DIGITS = 6  # frame ids sort in send order up to a million frames per run
 NS_PER_S = 1_000_000_000
-U8_MAX = 255
-U16_MAX = 65535
-WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})  # 16/32-bit grey files
 
 
 class SourceError(ValueError):
@@ -204,14 +200,8 @@ def _folder_item(path: Path, rel: Path, root_name: str) -> SourceItem:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` uint8 RGB (16-bit grey scaled to 8 bits, alpha dropped)."""
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in WIDE_GRAY_MODES:
-            wide = np.clip(np.asarray(image), 0, U16_MAX).astype(np.uint32)  # (H, W)
-            gray = ((wide * U8_MAX + U16_MAX // 2) // U16_MAX).astype(np.uint8)
-            return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
-        return np.array(image.convert("RGB"))  # (H, W, 3)
+    """An image file as ``(H, W, 3)`` uint8 RGB, read as the worker reads it (``load_image_file``)."""
+    return load_image_file(path)
 
 
 def _generated_item(product: str, index: int, size: int, seed: int, defect_every: int) -> SourceItem:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -199,6 +200,49 @@ def pillow_to_rgb(image: Image.Image) -> np.ndarray:
         DecodeError: the pixels cannot be decoded.
     """
     return _to_rgb(image, None)
+
+
+def decode_file(data: bytes, limits: WireLimits = WireLimits()) -> np.ndarray:
+    """An image file's bytes -> ``(H, W, 3)`` uint8 RGB, exactly as the worker decodes the same
+    file sent as a frame.
+
+    This is the one image reader of the project: the worker (PNG and JPEG frames), registration,
+    the camera simulator and the trainer all get their pixels here, so a product is fitted,
+    registered and served on the same pixels. PNG and JPEG go through :func:`decode_image`; other
+    formats a file may have (BMP, TIFF, WebP) are converted by Pillow the same way (16-bit grey
+    scaled, alpha dropped).
+
+    Raises:
+        DecodeError: the bytes are not a readable image within ``limits``.
+    """
+    encoding = "png" if data.startswith(PNG_MAGIC) else "jpeg" if data.startswith(JPEG_MAGIC) else None
+    if encoding is not None:
+        return decode_image(FrameHeader(frame_id="file", camera="file", ts_ns=0, encoding=encoding), data, limits)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:  # Pillow's range of exception types for unreadable data
+        raise _fail(None, CORRUPT_IMAGE, f"not a readable image ({type(exc).__name__}: {exc})") from None
+    try:
+        _check_size(image, limits, None)
+        return _to_rgb(image, None)
+    finally:
+        image.close()
+
+
+def load_image_file(path: str | Path, size: int | None = None) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB (:func:`decode_file`), resized to ``(size, size)``
+    by :func:`resize_square` when ``size`` is given: the model's input for that file.
+
+    Raises:
+        DecodeError: the file is not a readable image (the message names it).
+        OSError: the file cannot be read.
+    """
+    data = Path(path).read_bytes()
+    try:
+        rgb = decode_file(data)
+    except DecodeError as exc:
+        raise DecodeError(exc.reason, f"{path}: {exc.detail}") from None
+    return rgb if size is None else resize_square(rgb, size)
 
 
 def _wide_to_u8(gray: np.ndarray) -> np.ndarray:

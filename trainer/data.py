@@ -21,16 +21,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from inspector.decode import load_image_file
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 SPLITS = ("train", "test")
 GOOD = "good"
 MASK_SUFFIX = "_mask"
 DEFAULT_WORKERS = 2  # decoding is I/O and zlib bound; two threads saturate a small CPU
 
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
-_UINT16_MAX = 65535
 _UINT8_MAX = 255
-_UINT16_TO_UINT8 = 257.0  # 65535 / 255: maps the 16-bit range onto 0..255 exactly
 
 
 class DatasetError(ValueError):
@@ -164,47 +163,23 @@ def list_samples(root: str | Path, cls: str, split: str) -> list[Sample]:
     return samples
 
 
-def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
-    clipped = np.clip(array.astype(np.float64), 0, _UINT16_MAX)
-    return np.round(clipped / _UINT16_TO_UINT8).astype(np.uint8)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Converts any Pillow mode to 8-bit RGB.
-
-    16-bit and 32-bit integer grayscale are read on a 16-bit scale; float
-    images are read on an 8-bit scale and clipped.
-    """
-    if img.mode == "RGB":
-        return img
-    if img.mode in _SIXTEEN_BIT_MODES:
-        gray = _sixteen_bit_to_uint8(np.asarray(img))
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if img.mode == "F":
-        gray = np.round(np.clip(np.asarray(img), 0, _UINT8_MAX)).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if img.mode in ("P", "PA"):
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
 def load_image(path: str | Path, size: int | None) -> np.ndarray:
-    """Reads an image as 8-bit RGB, optionally resized to a square.
+    """Reads an image as 8-bit RGB, optionally resized to a square, exactly as the worker serves
+    the same file (``inspector.decode.load_image_file``: one reader for training, registration
+    and serving).
 
     Args:
-        path: Image file readable by Pillow.
+        path: Image file (PNG, JPEG, BMP, TIFF, ...).
         size: Output side length (bilinear resize), or None to keep the
             original size.
 
     Returns:
         uint8 array of shape (size, size, 3), or (H, W, 3) when size is None.
+
+    Raises:
+        DecodeError: the file is not a readable image (named in the message).
     """
-    with Image.open(path) as img:
-        img.load()
-        rgb = _to_rgb(img)
-    if size is not None and rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8).copy()
+    return load_image_file(path, size)
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -10,7 +10,6 @@ against a bank that does not contain it to measure the product's normal score st
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,13 +17,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from ..decode import decode_image, pillow_to_rgb, resize_square
+from ..decode import DecodeError, decode_file, resize_square
 from ..model import InspectionModel
 from ..model.bank import (BankTensors, Coreset, ProductBank, build_fold_banks, describe_coreset, greedy_k_center,
                           prototype_of, stack_banks)
-from ..wire import FrameHeader
 from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, sample_is_degenerate, spread_is_floored
 from .record import BankError, BankMeta, check_name, content_digest
 
@@ -82,23 +79,10 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
-
-
 def to_model_input(data: bytes, size: int) -> np.ndarray:
-    """Image file bytes -> ``(size, size, 3)`` uint8 RGB, exactly as the worker prepares a frame.
-
-    PNG and JPEG go through the worker's own decoder (``inspector.decode``), so a product
-    registered from files and the same images streamed by a camera give the same pixels; other
-    formats (BMP, TIFF) are converted by Pillow the same way.
-    """
-    encoding = "png" if data.startswith(PNG_MAGIC) else "jpeg" if data.startswith(JPEG_MAGIC) else None
-    if encoding is not None:
-        header = FrameHeader(frame_id="shot", camera="bank", ts_ns=0, encoding=encoding)
-        return resize_square(decode_image(header, data), size)
-    with Image.open(io.BytesIO(data)) as img:
-        return resize_square(pillow_to_rgb(img), size)
+    """Image file bytes -> ``(size, size, 3)`` uint8 RGB, exactly as the worker prepares a frame
+    of the same file (``inspector.decode.decode_file``, then ``resize_square``)."""
+    return resize_square(decode_file(data), size)
 
 
 def read_shots(paths: Sequence[str | Path], size: int) -> list[ShotImage]:
@@ -108,7 +92,7 @@ def read_shots(paths: Sequence[str | Path], size: int) -> list[ShotImage]:
         data = path.read_bytes()
         try:
             pixels = to_model_input(data, size)
-        except (UnidentifiedImageError, OSError, ValueError) as err:  # DecodeError is a ValueError
+        except (DecodeError, OSError) as err:
             raise BankError("bad_image", f"{path} is not a readable image: {err}") from err
         shots.append(ShotImage(path.name, hashlib.sha256(data).hexdigest(), pixels))
     return shots
