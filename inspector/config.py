@@ -27,6 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from .batcher import OVERLOAD_POLICIES
+# the line goes into Redis keys, ZMQ topics and every result header: one pattern for all of them
+from .wire import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, LINE_PATTERN, MAX_HEADER_BYTES, MIB,
+                   WireLimits)
+
 ENV_PREFIX = "INSPECTOR_"
 ENV_LINE = "INSPECTOR_LINE"
 ENV_REDIS_PASSWORD_ALIAS = "INSPECTOR_REDIS_PASSWORD"
@@ -35,14 +40,10 @@ CREDENTIAL_REDIS_PASSWORD = "redis_password"
 DEFAULT_CONFIG_TEMPLATE = "/etc/inspector/line{line}.toml"
 
 REDACTED = "***"
-MIB = 1024 * 1024
 MAX_TCP_PORT = 65535
 
-# Wire limits (DESIGN section 7) and image bounds that keep one decoded frame well inside memory.
-DEFAULT_MAX_HEADER_BYTES = 4096  # the wire format caps a frame header at 4 KiB
-DEFAULT_MAX_PAYLOAD_BYTES = 16 * MIB  # a lossless 4K RGB frame is ~25 MB raw, far less as PNG/JPEG
-DEFAULT_MAX_SIDE = 8192  # larger than any line camera we support, small enough to refuse garbage
-DEFAULT_MAX_PIXELS = 40_000_000  # a 40 MP sensor; bounds decode memory at ~120 MB per RGB frame
+# Wire limits (DESIGN section 7) and image bounds: defined once, in the wire module.
+DEFAULT_MAX_HEADER_BYTES = MAX_HEADER_BYTES
 DEFAULT_RCVHWM = 1000  # ZMQ queues at most this many frames before the sender blocks or drops
 DEFAULT_QUEUE_SIZE = 256  # ingest queue: about one second of frames at full line rate
 DEFAULT_DECODE_WORKERS = 2  # the line PCs have few cores; decode shares them with the loop
@@ -67,7 +68,6 @@ DEFAULT_STALE_AFTER_S = 30.0  # /healthz fails when the processing loop has not 
 
 MIN_COSINE, MAX_COSINE = -1.0, 1.0
 
-OVERLOAD_POLICIES = ("drop_oldest", "drop_newest", "block")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16")
 HEATMAP_POLICIES = ("all", "fail", "none")
@@ -76,7 +76,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 STORE_SCHEMES = ("redis", "rediss", "file")
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
-LINE_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # the line goes into Redis keys and ZMQ topics
 
 SECRET_NAME = re.compile(r"pass(word|wd)|secret|token", re.IGNORECASE)
 # ``scheme://user:password@`` up to the last "@" of the token; over-masking is the safe side.
@@ -169,6 +168,10 @@ class IngestConfig:
     decode_workers: int = _opt(DEFAULT_DECODE_WORKERS, _positive)
     curve_server_secret_key: str | None = _opt(None, _non_empty)
     curve_allowed_clients_dir: str | None = _opt(None, _non_empty)
+
+    def limits(self) -> WireLimits:
+        """The wire limits this ingest enforces on every frame."""
+        return WireLimits(self.max_header_bytes, self.max_payload_bytes, self.max_side, self.max_pixels)
 
 
 @dataclass(frozen=True)

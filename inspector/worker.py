@@ -41,7 +41,7 @@ from .metrics import HealthServer, WorkerMetrics
 from .model.bank import build_bank
 from .notify import Notifier
 from .publish import Outgoing, Publisher, StreamWriter
-from .wire import DROPPED, ERROR, TIMEOUT, Latency, Result, WireError, WireLimits
+from .wire import DROPPED, ERROR, TIMEOUT, Latency, Result, WireError
 
 LOOP_POLL_S = 0.25  # the loop wakes this often without frames: watchdog pings and stop checks
 STATS_EVERY_S = 60.0  # aggregate log line: frames are never logged one by one on the hot path
@@ -146,8 +146,7 @@ class Worker:
         server_side = curve_configurer(cfg.ingest, self.context)
         self.publisher = Publisher(self.context, cfg.publish.bind, cfg.publish.sndhwm, cfg.publish.heatmaps,
                                    cfg.publish.heatmap_scale, self.metrics, self.stream, server_side).start()
-        limits = WireLimits(cfg.ingest.max_header_bytes, cfg.ingest.max_payload_bytes, cfg.ingest.max_side,
-                            cfg.ingest.max_pixels)
+        limits = cfg.ingest.limits()
         from .ingest import Ingest
 
         self.ingest = Ingest(self.context, cfg.ingest.bind, cfg.ingest.rcvhwm, limits, self.queue, self.pool,

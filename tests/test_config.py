@@ -334,3 +334,23 @@ def test_errors_never_show_secrets(tmp_path: Path) -> None:
 def test_mask_url_secrets_hides_any_password(password: str) -> None:
     masked = mask_url_secrets(f"connect redis://user:{password}@redis.local:6379/0 now")
     assert masked == f"connect redis://user:{REDACTED}@redis.local:6379/0 now"
+
+
+# --------------------------------------------------------------------------- config and wire agree
+
+
+def test_config_and_wire_share_every_limit_and_the_line_pattern() -> None:
+    """The ingest enforces exactly the wire's default limits, and a line name the config accepts
+    passes the result header check that every published result goes through (a 65-character line
+    used to pass the config and fail every result)."""
+    from inspector.wire import LINE_PATTERN, MIB, WireLimits
+
+    import inspector.config as config
+
+    assert WorkerConfig(line="3").ingest.limits() == WireLimits()
+    assert config.LINE_PATTERN is LINE_PATTERN and config.MIB == MIB
+    assert load(line="a" * 64).line == "a" * 64
+    with pytest.raises(ConfigError, match="line"):
+        load(line="a" * 65)
+    with pytest.raises(ConfigError, match="line"):
+        load(line="3.1")  # a dot would let the subscription prefix of line 3 match line 3.1
