@@ -17,7 +17,7 @@ import torch
 
 from .artifact import ModelCard
 from .banks.watcher import BankSnapshot
-from .model import InspectionModel
+from .model import InspectionModel, verdicts
 from .model.bank import level_caps
 from .model.config import CALIBRATION_MODES
 from .model.serving import ServingGraph, input_names
@@ -289,15 +289,17 @@ class Engine:
         product = product.cpu().numpy()
         sim = sim.float().cpu().numpy()
         cal = cal_map[:, 0].float().cpu().numpy() if maps else None
+        hinted = np.asarray([h is not None for h in hints])
+        fail, unknown = verdicts(score, sim, hinted, self.threshold, self.min_route_similarity)
         out = []
         for i in range(n):
             heat = cal[i] if cal is not None else None
             name = snapshot.name(int(product[i]))
             if unknown_hint[i]:
                 out.append(Scored("fail", REASON_UNKNOWN, None, hints[i], None, None))
-            elif hints[i] is None and sim[i] < self.min_route_similarity:
+            elif unknown[i]:
                 out.append(Scored("fail", REASON_UNKNOWN, float(score[i]), None, float(sim[i]), heat))
-            elif score[i] > self.threshold:
+            elif fail[i]:
                 out.append(Scored("fail", REASON_ANOMALY, float(score[i]), name, float(sim[i]), heat, float(raw[i])))
             else:
                 out.append(Scored("pass", None, float(score[i]), name, float(sim[i]), heat, float(raw[i])))

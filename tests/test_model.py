@@ -140,11 +140,28 @@ def test_routing_hint_and_unknown_gate(tiny_model: InspectionModel) -> None:
     assert routed.product.tolist() == [0, 0]  # shots of product 0 route to product 0
     assert hinted.product.tolist() == [1, 0]
     assert hinted.route_similarity[0] <= routed.route_similarity[0] + 1e-6
-    inspection = tiny_model.inspect(hinted)
-    fail, unknown = verdicts(inspection, threshold=float("inf"), min_route_similarity=1.01)
+    inspection = tiny_model.inspect(routed)
+    none_hinted = torch.zeros(2, dtype=torch.bool)
+    fail, unknown = verdicts(inspection.score, inspection.route_similarity, none_hinted, float("inf"), 1.01)
     assert unknown.all() and fail.all()  # nothing reaches similarity 1.01: all unknown, all fail
-    fail, unknown = verdicts(inspection, threshold=float("inf"), min_route_similarity=-1.0)
+    fail, unknown = verdicts(inspection.score, inspection.route_similarity, none_hinted, float("inf"), -1.0)
     assert not unknown.any() and not fail.any()
+    # a frame hinted to a product by its header is scored against it however it looks
+    fail, unknown = verdicts(inspection.score, inspection.route_similarity, torch.tensor([True, False]),
+                             float("inf"), 1.01)
+    assert unknown.tolist() == [False, True] and fail.tolist() == [False, True]
+
+
+def test_verdict_rule_on_scores() -> None:
+    """The served rule on NumPy arrays (what the engine passes): over the threshold fails, at it
+    passes, and a score that is not a number fails."""
+    import numpy as np
+
+    score = np.array([0.5, 1.0, 1.5, np.nan, np.inf, 0.2], dtype=np.float32)
+    sim = np.array([0.9, 0.9, 0.9, 0.9, 0.9, 0.1], dtype=np.float32)
+    fail, unknown = verdicts(score, sim, np.zeros(6, dtype=bool), 1.0, 0.5)
+    assert fail.tolist() == [False, False, True, True, True, True]
+    assert unknown.tolist() == [False] * 5 + [True]
 
 
 def test_calibration_modes_use_their_statistics(tiny_model: InspectionModel) -> None:

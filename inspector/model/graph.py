@@ -8,7 +8,7 @@ served; the trainer calls the stage methods for what its losses need.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -289,13 +289,16 @@ class InspectionModel(nn.Module):
         return self.inspect(self.analyse(self.extract(images), bank, hint))
 
 
-def verdicts(
-    inspection: Inspection, threshold: float, min_route_similarity: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fail flags and unknown-product flags, each ``(B,)`` bool.
+def verdicts(score: Any, route_similarity: Any, hinted: Any, threshold: float,
+             min_route_similarity: float) -> tuple[Any, Any]:
+    """The served verdict rule: fail flags and unknown-product flags, each ``(B,)`` bool.
 
-    A frame whose route similarity is below ``min_route_similarity`` matches no registered
-    product and fails as ``unknown_product`` whatever its score (DESIGN section 1, point 4).
+    A frame routed by its prototype (not ``hinted`` to a product by its header) whose route
+    similarity is below ``min_route_similarity`` matches no registered product and fails as
+    ``unknown_product`` whatever its score (DESIGN section 1, point 4); a hinted frame is scored
+    against its product however it looks. Any other frame fails when its calibrated score is
+    over ``threshold``, or is not a number (a score that cannot be read never passes a part).
+    Works on NumPy arrays and torch tensors alike; the engine serves it.
     """
-    unknown = inspection.route_similarity < min_route_similarity
-    return unknown | (inspection.score > threshold), unknown
+    unknown = ~hinted & (route_similarity < min_route_similarity)
+    return unknown | ~(score <= threshold), unknown
