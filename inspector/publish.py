@@ -23,6 +23,7 @@ import structlog
 import zmq
 
 from .decode import encode_heatmap
+from .keys import heartbeat_key, results_key
 from .metrics import WorkerMetrics
 from .wire import FAIL, HeatmapInfo, Latency, Result
 
@@ -134,22 +135,24 @@ class Publisher:
 
 
 class StreamWriter:
-    """Appends result headers to ``<prefix>:line:<L>:results`` and keeps the heartbeat key fresh.
+    """Appends result headers to the line's results stream and keeps its heartbeat key fresh
+    (``inspector.keys``).
 
     Args:
         client: a ``redis.Redis`` client.
-        key_prefix: ``<prefix>:line:<L>``.
+        prefix: the store's key prefix.
+        line: the line name.
         maxlen: approximate stream length kept (XADD MAXLEN ~).
         buffer: results held while Redis is unreachable; beyond, the oldest are lost (counted).
         heartbeat_ttl_s: the heartbeat key expires this long after the last write.
         status: returns the heartbeat's JSON-ready status.
     """
 
-    def __init__(self, client: Any, key_prefix: str, maxlen: int, buffer: int, heartbeat_ttl_s: int,
+    def __init__(self, client: Any, prefix: str, line: str, maxlen: int, buffer: int, heartbeat_ttl_s: int,
                  metrics: WorkerMetrics, status: Callable[[], dict]) -> None:
         self.client = client
-        self.stream_key = f"{key_prefix}:results"
-        self.heartbeat_key = f"{key_prefix}:heartbeat"
+        self.stream_key = results_key(prefix, line)
+        self.heartbeat_key = heartbeat_key(prefix, line)
         self.maxlen = maxlen
         self.capacity = buffer
         self.ttl = heartbeat_ttl_s

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from .keys import results_key
+
 EXIT_OK = 0
 EXIT_UNACCOUNTED = 1
 EXIT_USAGE = 2
@@ -99,8 +101,8 @@ def read_result_records(paths: Iterable[str | Path]) -> Iterator[Mapping[str, An
 
 
 def stream_key(prefix: str, line: str) -> str:
-    """The line's results stream key (DESIGN section 8)."""
-    return f"{prefix}:line:{line}:results"
+    """The line's results stream key (``inspector.keys``)."""
+    return results_key(prefix, line)
 
 
 def read_result_stream(client: Any, key: str, page: int = STREAM_PAGE) -> Iterator[Mapping[str, Any] | None]:

@@ -160,7 +160,7 @@ class Worker:
             self.log.info("results_stream_disabled", reason="bank store is not Redis")
             return None
         p = self.cfg.publish
-        return StreamWriter(self.store.client, f"{b.prefix}:line:{self.cfg.line}", p.stream_maxlen, p.stream_buffer,
+        return StreamWriter(self.store.client, b.prefix, self.cfg.line, p.stream_maxlen, p.stream_buffer,
                             p.heartbeat_ttl_s, self.metrics, self._heartbeat).start()
 
     def _heartbeat(self) -> dict:

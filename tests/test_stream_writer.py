@@ -67,7 +67,7 @@ def test_a_full_buffer_during_a_send_loses_only_queued_results_and_counts_each_o
         redis_url: str, redis_prefix: str, capacity: int) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     held = HeldSends(client)
-    writer = StreamWriter(held, f"{redis_prefix}:line:t", maxlen=10_000, buffer=capacity, heartbeat_ttl_s=10,
+    writer = StreamWriter(held, redis_prefix, "t", maxlen=10_000, buffer=capacity, heartbeat_ttl_s=10,
                           metrics=WorkerMetrics(), status=dict).start()
     try:
         first = [result(i) for i in range(capacity)]

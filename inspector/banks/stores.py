@@ -4,16 +4,8 @@ Both keep versioned blobs and switch a product's active version, the line's epoc
 notice together, after the new blob is completely written, so a reader never sees a half-written
 bank and a writer that dies midway leaves the previous version in service.
 
-Redis keys (prefix configurable, default ``inspector``)::
-
-    <prefix>:line:<L>:bank:<product>:<version>        blob (safetensors bytes)
-    <prefix>:line:<L>:bank:<product>:<version>:meta   metadata JSON
-    <prefix>:line:<L>:bank:<product>:versions         sorted set of stored versions
-    <prefix>:line:<L>:bank:<product>:seq              version counter
-    <prefix>:line:<L>:products                        hash product -> active version
-    <prefix>:line:<L>:epoch                           bumped on every change
-    <prefix>:line:<L>:changed                         pub/sub channel, message "<epoch-hint> <product>"
-    <prefix>:line:<L>:normal:<product>                normal statistics refined after registration (JSON)
+Redis keys: the line's layout in ``inspector.keys`` (banks, products, epoch, change channel,
+normal statistics).
 
 The ``file://`` store keeps ``<root>/line-<L>/state.json`` (active versions and epoch, replaced
 atomically under an exclusive lock), ``<root>/line-<L>/banks/<product>/<version>.bank`` and
@@ -39,10 +31,10 @@ from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import unquote, urlsplit
 
+from ..keys import DEFAULT_PREFIX, line_key
 from .normal import NormalStats, NormalStatsError
 from .record import BankError, BankMeta, check_name
 
-DEFAULT_PREFIX = "inspector"
 DEFAULT_KEEP = 3
 FILE_POLL_S = 0.05  # the file store's change wait re-reads state this often: cheap, and far below any poll interval
 
@@ -365,7 +357,7 @@ class RedisStore:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
 
     def key(self, line: str, *parts: object) -> str:
-        return ":".join([self.prefix, "line", check_name("line", line), *map(str, parts)])
+        return line_key(self.prefix, check_name("line", line), *parts)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
