@@ -391,3 +391,28 @@ def test_worker_serves_a_compiled_onnx_program(line, line_setup, tmp_path) -> No
         got = verdicts[1][fid]
         assert (got.verdict, got.product) == (want.verdict, want.product)
         assert abs(got.score - want.score) <= 1e-4  # fp32 on both sides; reordered sums differ by ~1e-6
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_on_metrics(line) -> None:
+    """The dashboard next to the systemd unit queries only series a running worker exposes, and the
+    traffic panels' series carry samples once frames have been served."""
+    import re
+
+    dashboard = json.loads((REPO / "systemd" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = set(re.findall(r"\binspector_[a-z_]+\b", " ".join(exprs)))
+    assert len(queried) >= 15, sorted(queried)
+    ln = line()
+    for i in range(4):
+        ln.send(f"g{i}", product="valve-a" if i % 2 else None)
+    assert len(ln.results(4)) == 4
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ln.worker.health.port}/metrics", timeout=5).read().decode()
+    declared = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.MULTILINE)}
+    sampled = {m.group(1) for m in re.finditer(r"^(inspector_[a-z_]+)(?:\{| )", text, re.MULTILINE)}
+    suffixes = ("_total", "_bucket", "_count", "_sum")
+    for name in sorted(queried):
+        family = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
+        assert name in sampled or name in declared or family in declared, f"{name} is not on /metrics"
+    for name in ("inspector_results_total", "inspector_score_count", "inspector_stage_latency_seconds_bucket",
+                 "inspector_queue_depth", "inspector_bank_epoch", "inspector_calibration_gamma", "inspector_ready"):
+        assert name in queried and name in sampled, f"{name} has no samples after traffic"
