@@ -27,8 +27,7 @@ from trainer.dataset import VIEWS, prepare_sources
 from trainer.evaluate import TestSet, image_scores, load_test_set, register_draw, run_draw
 from trainer.fit import FitConfig, fit_flows
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import SPLITS, commit, machine, parse_checked  # noqa: E402
+from trainer.benchmark import SPLITS, commit, machine, parse_checked
 
 ALL_VIEWS = tuple(VIEWS)
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {

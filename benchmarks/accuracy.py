@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from inspector.artifact import load_artifact
 from inspector.banks.normal import DEFAULT_METHOD
@@ -30,56 +27,8 @@ from inspector.model.config import CALIBRATION_MODES, CONSTRAINTORS, SCORINGS
 from trainer.calibrate import THRESHOLD_RULES, CalibrationConfig
 from trainer.evaluate import EvalConfig, evaluate
 from trainer.fit import FitConfig
+from trainer.benchmark import SPLITS, commit, machine, parse_checked
 from trainer.train import TrainConfig, parse_views, train
-
-SPLITS = {
-    "A": (("magnetic_tile", "ball_screw", "commutator"), ("pcb", "solar_cell")),
-    "B": (("pcb", "solar_cell", "commutator"), ("magnetic_tile", "ball_screw")),
-}
-
-
-def machine() -> dict[str, object]:
-    """What the numbers were measured on."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "platform": platform.platform(),
-    }
-
-
-def inputs_present(*paths: str) -> bool:
-    """True when every shared input exists; otherwise say which is missing on stderr."""
-    for path in paths:
-        if not Path(path).exists():
-            print(f"error: {path} not found (this benchmark needs the shared data and weights)", file=sys.stderr)
-            return False
-    return True
-
-
-def parse_checked(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the command line; exit 2, saying what is missing, when the shared inputs are absent."""
-    args = parser.parse_args()
-    if not inputs_present(args.data, args.weights):
-        raise SystemExit(2)
-    return args
-
-
-def commit() -> str:
-    """The repository's HEAD commit, with ``-dirty`` when the tree has changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The default model with the benchmark's flow and scoring flags applied."""

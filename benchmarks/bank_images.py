@@ -25,18 +25,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from inspector.banks.register import fold_of, pick_diverse, raw_scores_against
 from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
-from inspector.model.bank import build_bank, build_fold_banks, describe_coreset, parse_coreset, stack_banks
-from inspector.model.graph import top_fraction_mean
+from inspector.model.bank import build_bank, build_fold_banks, describe_coreset, parse_coreset
 from trainer import metrics
 from trainer.data import ImageCache, list_classes, list_samples
 from trainer.features import extract_features
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import SPLITS, commit, machine, parse_checked  # noqa: E402
+from trainer.benchmark import SPLITS, commit, machine, parse_checked, pixel_metrics, scores_and_maps
 
 
 def ints(text: str) -> list[int]:
@@ -50,24 +47,7 @@ def caps(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-SCORE_BATCH = 8
 
-
-@torch.no_grad()
-def scores_and_maps(model: InspectionModel, feats, bank) -> tuple[np.ndarray, np.ndarray]:
-    """Raw image scores and ``(N, S, S)`` raw maps of every test image against one bank, hinted."""
-    stacked, scores, maps = stack_banks([bank]), [], []
-    for start in range(0, feats[0].shape[0], SCORE_BATCH):
-        part = [f[start : start + SCORE_BATCH] for f in feats]
-        raw = model.analyse(part, stacked, torch.zeros(part[0].shape[0], dtype=torch.long)).raw_map
-        scores.append(top_fraction_mean(raw, model.cfg.score.top_fraction).numpy())
-        maps.append(raw[:, 0].numpy())
-    return np.concatenate(scores), np.concatenate(maps)
-
-
-def pixel_metrics(cache, maps: np.ndarray) -> dict[str, float]:
-    """Pixel AUROC and AUPRO (FPR <= 0.3) of the maps, on a class whose defects all have masks."""
-    return {"pixel_auroc": metrics.roc_auc(cache.masks, maps), "aupro": metrics.aupro(cache.masks, maps, max_fpr=0.3)}
 
 
 def label(n: int | str, cap) -> str:

@@ -31,17 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import commit, machine  # noqa: E402
+from trainer.benchmark import commit, machine
 
-from inspector.artifact import backbone_info, backbone_signature, load_artifact  # noqa: E402
-from inspector.banks import BankMeta, BankWatcher, encode_bank, open_store  # noqa: E402
-from inspector.banks.record import content_digest  # noqa: E402
-from inspector.banks.register import read_shots, register_product  # noqa: E402
-from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights  # noqa: E402
-from inspector.model.calibration import top_fraction_mean  # noqa: E402
-from trainer.data import list_classes, list_samples, load_image, load_mask  # noqa: E402
-from trainer.metrics import roc_auc  # noqa: E402
+from inspector.artifact import backbone_info, backbone_signature, load_artifact
+from inspector.banks import BankMeta, BankWatcher, encode_bank, open_store
+from inspector.banks.record import content_digest
+from inspector.banks.register import read_shots, register_product
+from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
+from inspector.model.calibration import top_fraction_mean
+from trainer.data import list_classes, list_samples, load_image, load_mask
+from trainer.metrics import roc_auc
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = 4

@@ -34,15 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import commit, inputs_present, machine  # noqa: E402
+from trainer.benchmark import commit, inputs_present, machine
 
-from inspector.banks.normal import METHODS, QUANTILE_HIGH, calibrated, scale_of  # noqa: E402
-from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights  # noqa: E402
-from trainer import metrics  # noqa: E402
-from trainer.data import ImageCache, list_samples  # noqa: E402
-from trainer.features import extract_features  # noqa: E402
-from inspector.banks.register import raw_scores_against  # noqa: E402
+from inspector.banks.normal import METHODS, QUANTILE_HIGH, calibrated, scale_of
+from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
+from trainer import metrics
+from trainer.data import ImageCache, list_samples
+from trainer.features import extract_features
+from inspector.banks.register import raw_scores_against
 
 CLASSES = ("ball_screw", "commutator", "magnetic_tile", "pcb", "solar_cell")
 

@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import commit, machine  # noqa: E402
+from trainer.benchmark import commit, machine
 
-from inspector.artifact import load_artifact  # noqa: E402
-from inspector.cli import coreset_arg  # noqa: E402
-from inspector.engine import bank_capacity  # noqa: E402
-from inspector.model import Analysis, InspectionModel, ModelConfig, build_bank, stack_banks  # noqa: E402
+from inspector.artifact import load_artifact
+from inspector.cli import coreset_arg
+from inspector.engine import bank_capacity
+from inspector.model import Analysis, InspectionModel, ModelConfig, build_bank, stack_banks
 
 
 def stages(model: InspectionModel, images: torch.Tensor, bank) -> dict[str, callable]:

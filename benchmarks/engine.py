@@ -25,15 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import commit, machine  # noqa: E402
+from trainer.benchmark import commit, machine
 
-from deploy.compile import compile_program  # noqa: E402
-from inspector.artifact import load_artifact, save_artifact  # noqa: E402
-from inspector.banks import build_snapshot  # noqa: E402
-from inspector.banks.record import BankMeta  # noqa: E402
-from inspector.engine import Engine, EngineSettings, bank_capacity  # noqa: E402
-from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights  # noqa: E402
+from deploy.compile import compile_program
+from inspector.artifact import load_artifact, save_artifact
+from inspector.banks import build_snapshot
+from inspector.banks.record import BankMeta
+from inspector.engine import Engine, EngineSettings, bank_capacity
+from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"

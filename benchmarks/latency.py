@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,17 +34,15 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import commit, machine  # noqa: E402
+from trainer.benchmark import commit, engine_throughput, machine
 
-from inspector.artifact import load_artifact  # noqa: E402
-from inspector.banks import BankWatcher, encode_bank, open_store  # noqa: E402
-from inspector.banks.register import read_shots, register_product  # noqa: E402
-from inspector.decode import encode_jpeg  # noqa: E402
-from inspector.engine import Engine, EngineSettings  # noqa: E402
-from inspector.testkit import default_artifact, free_port, wait_for_worker  # noqa: E402
-from inspector.wire import FrameHeader, Result, encode_frame  # noqa: E402
-from trainer.synthetic import generate_dataset  # noqa: E402
+from inspector.artifact import load_artifact
+from inspector.banks import encode_bank, open_store
+from inspector.banks.register import read_shots, register_product
+from inspector.decode import encode_jpeg
+from inspector.testkit import default_artifact, free_port, wait_for_worker
+from inspector.wire import FrameHeader, Result, encode_frame
+from trainer.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
@@ -73,26 +70,6 @@ def prepare(workdir: Path, artifact: str | None, device: str) -> tuple[Path, Pat
         for f in sorted((data / p / "test").rglob("*.png")):
             frames.append(encode_jpeg(read_shots([f], model.input_size)[0].pixels))
     return Path(artifact), workdir / "banks", frames
-
-
-def engine_throughput(artifact: Path, store_url: str, line: str, batch: int, device: str, repeats: int) -> dict:
-    """The engine's own throughput at ``batch`` on the line's registered banks (median of repeats)."""
-    model, card = load_artifact(artifact)
-    engine = Engine(model, card, EngineSettings(device=device))
-    store = open_store(store_url)
-    w = BankWatcher(store, line, card.signature, model.channels)
-    w.refresh()
-    store.close()
-    x = np.random.default_rng(0).integers(0, 255, (batch, model.input_size, model.input_size, 3), dtype=np.uint8)
-    engine.infer(x, [None] * batch, w.snapshot)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine.infer(x, [None] * batch, w.snapshot)
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    return {"batch": batch, "batch_seconds_median": round(t, 4), "fps": round(batch / t, 3),
-            "batch_seconds": [round(v, 4) for v in times]}
 
 
 def start_worker(artifact: Path, banks: Path, args, ingest: str, publish: str) -> subprocess.Popen:

@@ -44,8 +44,7 @@ from trainer import metrics
 from trainer.data import ImageCache, list_classes, list_samples
 from trainer.features import extract_features
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import SPLITS, commit, machine, parse_checked  # noqa: E402
+from trainer.benchmark import SPLITS, commit, machine, parse_checked
 
 BATCH = 8
 

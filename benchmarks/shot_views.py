@@ -35,10 +35,8 @@ from inspector.model.bank import build_fold_banks
 from trainer.data import ImageCache, list_classes, list_samples
 from trainer.features import extract_features
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import SPLITS, commit, machine, parse_checked  # noqa: E402
-from bank_images import pixel_metrics, scores_and_maps  # noqa: E402
-from trainer import metrics  # noqa: E402
+from trainer.benchmark import SPLITS, commit, machine, parse_checked, pixel_metrics, scores_and_maps
+from trainer import metrics
 
 
 def _turn(k: int, mirror: bool):

@@ -49,18 +49,16 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import machine  # noqa: E402
-from latency import engine_throughput  # noqa: E402
+from trainer.benchmark import engine_throughput, machine
 
-from inspector.artifact import load_artifact  # noqa: E402
-from inspector.testkit import RedisServer, default_artifact, free_port, wait_for_worker  # noqa: E402
-from inspector.banks import encode_bank, open_store  # noqa: E402
-from inspector.banks.register import read_shots, register_product  # noqa: E402
-from inspector.camera import CameraConfig, FrameSource, publish_frames  # noqa: E402
-from inspector.reconcile import read_result_records, read_result_stream, read_sent, reconcile, stream_key  # noqa: E402
-from inspector.wire import Result  # noqa: E402
-from trainer.synthetic import generate_dataset  # noqa: E402
+from inspector.artifact import load_artifact
+from inspector.testkit import RedisServer, default_artifact, free_port, wait_for_worker
+from inspector.banks import encode_bank, open_store
+from inspector.banks.register import read_shots, register_product
+from inspector.camera import CameraConfig, FrameSource, publish_frames
+from inspector.reconcile import read_result_records, read_result_stream, read_sent, reconcile, stream_key
+from inspector.wire import Result
+from trainer.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"

@@ -45,8 +45,7 @@ from trainer.data import ImageCache, list_classes, list_samples
 from trainer.features import extract_features
 from trainer.features import select as select_rows
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import SPLITS, commit, machine, parse_checked  # noqa: E402
+from trainer.benchmark import SPLITS, commit, machine, parse_checked
 
 RULES = ("pooled", "class_median", "class_mean", "unit")
 HOLDOUTS = ("train", "test")

@@ -1,0 +1,35 @@
+"""Seams of the code base: what may import what."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def test_benchmarks_import_the_project_never_each_other() -> None:
+    """Shared benchmark code lives in ``trainer.benchmark``; no script edits ``sys.path`` to
+    import another script."""
+    scripts = sorted((REPO / "benchmarks").glob("*.py"))
+    names = {p.stem for p in scripts}
+    assert {"accuracy", "latency", "bank_images"} <= names
+    for path in scripts:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] not in names, f"{path.name} imports benchmark {node.module}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] not in names, f"{path.name} imports benchmark {alias.name}"
+        assert "sys.path.insert" not in path.read_text(), f"{path.name} edits sys.path"
+
+
+def test_the_worker_runtime_never_imports_the_trainer() -> None:
+    """``inspector run`` loads the worker, the engine and the stores; none of them pulls in the
+    trainer (fitting code, datasets) at start-up."""
+    code = ("import sys, inspector.worker, inspector.engine, inspector.cli_run, inspector.banks.register; "
+            "print(sorted(m for m in sys.modules if m == 'trainer' or m.startswith('trainer.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
