@@ -128,9 +128,10 @@ def main() -> int:
                 "test_per_class": args.test_per_class, "stream_frames": args.stream_frames,
                 "synthetic_sources": args.synthetic_sources, "source_views": args.source_views,
                 "model": dataclasses.asdict(model_config(args))}
+    measured = commit()  # the code this run measures: later commits during a long run do not count
     for s in args.splits.split(","):
         result = run_split(s.strip(), args)
-        result.update(machine=machine(), commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"), settings=settings)
+        result.update(machine=machine(), commit=measured, date=time.strftime("%Y-%m-%d %H:%M:%S"), settings=settings)
         write_summary(Path(args.out), result)
     return 0
 
