@@ -77,7 +77,8 @@ def _fail(header: FrameHeader | None, reason: str, detail: str) -> DecodeError:
 
 
 def decode_image(
-    header: FrameHeader, payload: memoryview | bytes, limits: WireLimits = WireLimits()
+    header: FrameHeader, payload: memoryview | bytes, limits: WireLimits = WireLimits(),
+    reduce_to: int | None = None,
 ) -> np.ndarray:
     """Decode a frame payload to RGB.
 
@@ -88,6 +89,12 @@ def decode_image(
         header: the validated frame header (its encoding, and for raw its shape and pixel format).
         payload: the payload bytes.
         limits: ``max_side`` and ``max_pixels`` bound the declared image size.
+        reduce_to: the side the image will be resized to, if known: a JPEG at least twice that
+            size on both sides is decoded at a reduced scale (1/2, 1/4 or 1/8 in the JPEG's own
+            DCT, Pillow's draft mode) that keeps both sides at least ``reduce_to``, instead of
+            decoding every pixel to throw most away. Other encodings ignore it. Every reader of
+            the project passes the model's input size, so training, registration and serving
+            still see the same pixels (``decode_file``).
 
     Returns:
         ``(H, W, 3)`` uint8 RGB, C-contiguous, writable, owning its memory (the message buffer
@@ -103,7 +110,7 @@ def decode_image(
     if header.encoding == "raw":
         return _decode_raw(header, view)
     if header.encoding in PILLOW_FORMAT:
-        return _decode_encoded(header, view, limits)
+        return _decode_encoded(header, view, limits, reduce_to)
     raise _fail(header, UNKNOWN_ENCODING, f"cannot decode encoding {header.encoding!r}")
 
 
@@ -125,13 +132,16 @@ def _decode_raw(header: FrameHeader, view: memoryview) -> np.ndarray:
     return pixels.copy()  # (H, W, 3), C order, detached from the message buffer
 
 
-def _decode_encoded(header: FrameHeader, view: memoryview, limits: WireLimits) -> np.ndarray:
+def _decode_encoded(header: FrameHeader, view: memoryview, limits: WireLimits,
+                    reduce_to: int | None = None) -> np.ndarray:
     _check_magic(header, view)
     if header.encoding == "png" and view[-len(PNG_END) :] != PNG_END:
         raise _fail(header, CORRUPT_IMAGE, "PNG is truncated (it does not end with the IEND chunk)")
     image = _open(view, PILLOW_FORMAT[header.encoding], header)
     try:
         _check_size(image, limits, header)
+        if reduce_to is not None and header.encoding == "jpeg":
+            _reduce(image, reduce_to)
         return _to_rgb(image, header)
     finally:
         image.close()
@@ -162,6 +172,16 @@ def _open(data: Any, pillow_format: str, header: FrameHeader | None) -> Image.Im
         # ValueError, struct.error, zlib.error, EOFError, ...): all mean the same here.
         detail = f"cannot read the {pillow_format} header ({type(exc).__name__}: {exc})"
         raise _fail(header, CORRUPT_IMAGE, detail) from None
+
+
+def _reduce(image: Image.Image, side: int) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale that keeps both sides at least ``side``."""
+    if side <= 0:
+        raise ValueError(f"reduce_to must be positive, got {side}")
+    try:
+        image.draft(image.mode, (side, side))
+    except Exception:  # an undecodable header surfaces, with its reason, when the pixels load
+        pass
 
 
 def _check_size(image: Image.Image, limits: WireLimits, header: FrameHeader | None) -> None:
@@ -202,7 +222,7 @@ def pillow_to_rgb(image: Image.Image) -> np.ndarray:
     return _to_rgb(image, None)
 
 
-def decode_file(data: bytes, limits: WireLimits = WireLimits()) -> np.ndarray:
+def decode_file(data: bytes, limits: WireLimits = WireLimits(), reduce_to: int | None = None) -> np.ndarray:
     """An image file's bytes -> ``(H, W, 3)`` uint8 RGB, exactly as the worker decodes the same
     file sent as a frame.
 
@@ -210,14 +230,15 @@ def decode_file(data: bytes, limits: WireLimits = WireLimits()) -> np.ndarray:
     the camera simulator and the trainer all get their pixels here, so a product is fitted,
     registered and served on the same pixels. PNG and JPEG go through :func:`decode_image`; other
     formats a file may have (BMP, TIFF, WebP) are converted by Pillow the same way (16-bit grey
-    scaled, alpha dropped).
+    scaled, alpha dropped). ``reduce_to`` as for :func:`decode_image`.
 
     Raises:
         DecodeError: the bytes are not a readable image within ``limits``.
     """
     encoding = "png" if data.startswith(PNG_MAGIC) else "jpeg" if data.startswith(JPEG_MAGIC) else None
     if encoding is not None:
-        return decode_image(FrameHeader(frame_id="file", camera="file", ts_ns=0, encoding=encoding), data, limits)
+        header = FrameHeader(frame_id="file", camera="file", ts_ns=0, encoding=encoding)
+        return decode_image(header, data, limits, reduce_to)
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as exc:  # Pillow's range of exception types for unreadable data
@@ -239,7 +260,7 @@ def load_image_file(path: str | Path, size: int | None = None) -> np.ndarray:
     """
     data = Path(path).read_bytes()
     try:
-        rgb = decode_file(data)
+        rgb = decode_file(data, reduce_to=size)
     except DecodeError as exc:
         raise DecodeError(exc.reason, f"{path}: {exc.detail}") from None
     return rgb if size is None else resize_square(rgb, size)

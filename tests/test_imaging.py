@@ -38,10 +38,13 @@ def _files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     out["grayscale png"] = (tmp_path / "gray.png", "png")
     Image.fromarray(wide).save(tmp_path / "wide.png")  # mode I;16
     out["16-bit png"] = (tmp_path / "wide.png", "png")
+    big = np.kron(rng.integers(0, 256, (26, 34, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)  # 208 x 272: decoded at 1/4 scale for 48 px
+    out["large jpeg"] = (tmp_path / "big.jpg", "jpeg")
     return out
 
 
-@pytest.mark.parametrize("kind", ["rgb png", "jpeg", "grayscale png", "16-bit png"])
+@pytest.mark.parametrize("kind", ["rgb png", "jpeg", "grayscale png", "16-bit png", "large jpeg"])
 def test_training_registration_camera_and_serving_see_identical_pixels(tmp_path: Path, kind: str) -> None:
     path, encoding = _files(tmp_path)[kind]
     data = path.read_bytes()
@@ -53,7 +56,10 @@ def test_training_registration_camera_and_serving_see_identical_pixels(tmp_path:
     camera, _ = prepare(FrameHeader(frame_id="g", camera="cam", ts_ns=0, encoding="png"), memoryview(payload),
                         WireLimits(), SIZE)
     assert served.shape == (SIZE, SIZE, 3) and served.dtype == np.uint8
-    for name, pixels in (("trainer", trained), ("registration", registered), ("camera", camera)):
+    paths = [("trainer", trained), ("registration", registered)]
+    if kind != "large jpeg":  # the simulator sends its own lossless re-encoding of the full image
+        paths.append(("camera", camera))
+    for name, pixels in paths:
         assert np.array_equal(pixels, served), f"{name} pixels differ from the served ones for a {kind}"
 
 
@@ -84,3 +90,27 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DecodeError) as err:
         decode_file(b"garbage")
     assert err.value.reason == "corrupt_image"
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_the_input_size(tmp_path: Path) -> None:
+    """A JPEG far larger than the model input is decoded at 1/2, 1/4 or 1/8 scale, never below the
+    input size on either side; the resized input stays close to the one from a full decode (mean
+    difference under 2 grey levels on this smooth image: the DCT scaling averages where bilinear
+    from the full image samples)."""
+    yy, xx = np.mgrid[0:600, 0:800]
+    smooth = np.stack([(xx / 800 * 255), (yy / 600 * 255), ((xx + yy) / 1400 * 255)], axis=2).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "smooth.jpg", quality=95)
+    data = (tmp_path / "smooth.jpg").read_bytes()
+    header = FrameHeader(frame_id="f", camera="cam", ts_ns=0, encoding="jpeg")
+    from inspector.decode import decode_image
+
+    assert decode_image(header, data).shape == (600, 800, 3)
+    assert decode_image(header, data, reduce_to=256).shape == (300, 400, 3)  # 1/2: 1/4 would be 150 high
+    assert decode_image(header, data, reduce_to=64).shape == (75, 100, 3)  # 1/8
+    assert decode_image(header, data, reduce_to=700).shape == (600, 800, 3)  # no smaller scale keeps 700
+    full = resize_square(decode_image(header, data), 64).astype(float)
+    reduced = resize_square(decode_image(header, data, reduce_to=64), 64).astype(float)
+    assert np.abs(full - reduced).mean() < 2.0
+    png = FrameHeader(frame_id="p", camera="cam", ts_ns=0, encoding="png")
+    Image.fromarray(smooth).save(tmp_path / "smooth.png")
+    assert decode_image(png, (tmp_path / "smooth.png").read_bytes(), reduce_to=64).shape == (600, 800, 3)
