@@ -92,9 +92,10 @@ def decode_image(
         reduce_to: the side the image will be resized to, if known: a JPEG at least twice that
             size on both sides is decoded at a reduced scale (1/2, 1/4 or 1/8 in the JPEG's own
             DCT, Pillow's draft mode) that keeps both sides at least ``reduce_to``, instead of
-            decoding every pixel to throw most away. Other encodings ignore it. Every reader of
-            the project passes the model's input size, so training, registration and serving
-            still see the same pixels (``decode_file``).
+            decoding every pixel to throw most away. Other encodings ignore it. Not used by the
+            worker, registration or the trainer yet: it changes the pixels of large JPEGs (the
+            industrial set's pcb at 256 px), and turning it on for all three together waits for
+            an accuracy measurement (``benchmarks/decode.py`` has its speed).
 
     Returns:
         ``(H, W, 3)`` uint8 RGB, C-contiguous, writable, owning its memory (the message buffer
@@ -260,7 +261,7 @@ def load_image_file(path: str | Path, size: int | None = None) -> np.ndarray:
     """
     data = Path(path).read_bytes()
     try:
-        rgb = decode_file(data, reduce_to=size)
+        rgb = decode_file(data)
     except DecodeError as exc:
         raise DecodeError(exc.reason, f"{path}: {exc.detail}") from None
     return rgb if size is None else resize_square(rgb, size)

@@ -35,7 +35,7 @@ Drop = Callable[[Job], None]
 def prepare(header: FrameHeader, payload: memoryview, limits: WireLimits, size: int) -> tuple[np.ndarray, float]:
     """Decode and resize one payload -> ``((size, size, 3) uint8 RGB, milliseconds)``."""
     t0 = time.perf_counter()
-    pixels = resize_square(decode_image(header, payload, limits, reduce_to=size), size)
+    pixels = resize_square(decode_image(header, payload, limits), size)
     return pixels, 1000 * (time.perf_counter() - t0)
 
 

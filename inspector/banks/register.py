@@ -82,7 +82,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 def to_model_input(data: bytes, size: int) -> np.ndarray:
     """Image file bytes -> ``(size, size, 3)`` uint8 RGB, exactly as the worker prepares a frame
     of the same file (``inspector.decode.decode_file``, then ``resize_square``)."""
-    return resize_square(decode_file(data, reduce_to=size), size)
+    return resize_square(decode_file(data), size)
 
 
 def read_shots(paths: Sequence[str | Path], size: int) -> list[ShotImage]:
