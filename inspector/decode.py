@@ -33,6 +33,9 @@ from PIL import Image
 from .wire import (
     BAD_SHAPE,
     CHANNELS,
+    CORRUPT_IMAGE,
+    ENCODING_MISMATCH,
+    IMAGE_TOO_LARGE,
     HW_DIMS,
     HWC_DIMS,
     PAYLOAD_SIZE_MISMATCH,
@@ -42,9 +45,6 @@ from .wire import (
     WireLimits,
 )
 
-CORRUPT_IMAGE = "corrupt_image"
-IMAGE_TOO_LARGE = "image_too_large"
-ENCODING_MISMATCH = "encoding_mismatch"
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker, then the 0xFF that starts the next marker
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the fixed 8-byte PNG signature

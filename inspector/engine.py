@@ -21,10 +21,9 @@ from .model import InspectionModel, verdicts
 from .model.bank import level_caps
 from .model.config import CALIBRATION_MODES
 from .model.serving import ServingGraph, input_names
+from .wire import ANOMALY, NO_PRODUCTS, UNKNOWN_PRODUCT
 
-REASON_ANOMALY = "anomaly"  # score over the threshold
-REASON_UNKNOWN = "unknown_product"  # no registered product matches the frame well enough
-REASON_NO_PRODUCTS = "no_products"  # the line has no product registered yet
+REASON_ANOMALY, REASON_UNKNOWN, REASON_NO_PRODUCTS = ANOMALY, UNKNOWN_PRODUCT, NO_PRODUCTS  # defined in wire
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,30 @@ TIMEOUT = "timeout"
 DROPPED = "dropped"
 VERDICTS = (PASS, FAIL, ERROR, TIMEOUT, DROPPED)
 
+# Reasons of results whose input was fine (DESIGN section 1): every reason a result may carry is
+# defined in this module, whichever stage sets it, and REASONS says which verdict carries it.
+ANOMALY = "anomaly"  # score over the threshold (engine)
+UNKNOWN_PRODUCT = "unknown_product"  # no registered product matches the frame well enough (engine)
+NO_PRODUCTS = "no_products"  # the line has no product registered yet (engine)
+OVERLOAD = "overload"  # dropped by the overload policy (worker)
+SHUTDOWN = "shutdown"  # dropped while the worker stops (worker)
+DEADLINE_EXCEEDED = "deadline_exceeded"  # past its deadline before inference (worker)
+ENGINE_ERROR = "engine_error"  # inference failed for the batch (worker)
+# Failures while decoding the image (raised as inspector.decode.DecodeError).
+CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TOO_LARGE = "image_too_large"
+ENCODING_MISMATCH = "encoding_mismatch"
+INPUT_ERRORS = (BAD_PARTS, HEADER_TOO_LARGE, BAD_HEADER, BAD_VERSION, MISSING_FIELD, BAD_FIELD, UNKNOWN_ENCODING,
+                BAD_SHAPE, BAD_PIXEL_FORMAT, PAYLOAD_TOO_LARGE, PAYLOAD_SIZE_MISMATCH, EMPTY_PAYLOAD,
+                CORRUPT_IMAGE, IMAGE_TOO_LARGE, ENCODING_MISMATCH)
+REASONS = {  # verdict -> the reasons a result of that verdict may carry (a pass carries none)
+    PASS: (),
+    FAIL: (ANOMALY, UNKNOWN_PRODUCT, NO_PRODUCTS),
+    ERROR: (*INPUT_ERRORS, ENGINE_ERROR),
+    TIMEOUT: (DEADLINE_EXCEEDED,),
+    DROPPED: (OVERLOAD, SHUTDOWN),
+}
+
 UNKNOWN_CAMERA = "unknown"  # camera of an error result when the header named none usable
 
 

@@ -41,14 +41,12 @@ from .metrics import HealthServer, WorkerMetrics
 from .model.bank import build_bank
 from .notify import Notifier
 from .publish import Outgoing, Publisher, StreamWriter
-from .wire import DROPPED, ERROR, TIMEOUT, Latency, Result, WireError
+from .wire import (DEADLINE_EXCEEDED, DROPPED, ENGINE_ERROR, ERROR, OVERLOAD, SHUTDOWN, TIMEOUT, Latency, Result,
+                   WireError)
 
 LOOP_POLL_S = 0.25  # the loop wakes this often without frames: watchdog pings and stop checks
 STATS_EVERY_S = 60.0  # aggregate log line: frames are never logged one by one on the hot path
-REASON_OVERLOAD = "overload"
-REASON_DEADLINE = "deadline_exceeded"
-REASON_ENGINE = "engine_error"
-REASON_SHUTDOWN = "shutdown"
+REASON_OVERLOAD, REASON_DEADLINE, REASON_ENGINE, REASON_SHUTDOWN = OVERLOAD, DEADLINE_EXCEEDED, ENGINE_ERROR, SHUTDOWN
 EXIT_SECOND_SIGNAL = 1
 # Epoch on the wire while no bank set has been loaded (the store was unreachable at start): the
 # wire's epoch is non-negative, and 0 is what a line with nothing registered reports anyway.

@@ -33,3 +33,19 @@ def test_the_worker_runtime_never_imports_the_trainer() -> None:
             "print(sorted(m for m in sys.modules if m == 'trainer' or m.startswith('trainer.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_result_reason_is_defined_once_in_the_wire_module() -> None:
+    """Reasons are contract: ``inspector.wire.REASONS`` lists each verdict's, and no other module
+    spells a reason as its own string constant (they import it)."""
+    from inspector import wire
+
+    every = {r for reasons in wire.REASONS.values() for r in reasons}
+    assert set(wire.REASONS) == set(wire.VERDICTS) and wire.REASONS[wire.PASS] == ()
+    assert len(every) == sum(len(r) for r in wire.REASONS.values())  # no reason under two verdicts
+    for path in sorted((REPO / "inspector").rglob("*.py")):
+        if path.name == "wire.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                assert node.value.value not in every, f"{path.name}:{node.lineno} redefines reason {node.value.value!r}"

@@ -151,6 +151,12 @@ def test_fuzzed_messages_each_get_exactly_one_result(served_line, parts) -> None
         assert result.verdict in (*SERVED, "timeout"), result
 
 
+def test_documented_error_reasons_are_the_wire_modules() -> None:
+    from inspector.wire import INPUT_ERRORS
+
+    assert DOCUMENTED_ERRORS == set(INPUT_ERRORS)
+
+
 def test_the_worker_serves_after_the_fuzzing(served_line) -> None:
     w = served_line.worker
     served_line.send("after-fuzz", product="valve-a")
