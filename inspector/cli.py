@@ -19,6 +19,7 @@ from deploy.cli import add_install_parser, cmd_install
 from .cli_compile import add_compile_parser, cmd_compile
 from .cli_run import add_run_parser, cmd_run
 from .reconcile import add_reconcile_parser, cmd_reconcile
+from .cli_archive import add_archive_parser, cmd_archive
 from .cli_stream import STREAM_COMMANDS, add_stream_parsers
 
 DEFAULT_WEIGHTS_ENV = "INSPECTOR_BACKBONE_WEIGHTS"
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_parser(sub)
     add_install_parser(sub)
     add_reconcile_parser(sub)
+    add_archive_parser(sub)
     return parser
 
 
@@ -316,7 +318,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,
             "run": cmd_run, "compile": cmd_compile, "install": cmd_install,
-            "reconcile": cmd_reconcile, **STREAM_COMMANDS}
+            "reconcile": cmd_reconcile, "archive": cmd_archive, **STREAM_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

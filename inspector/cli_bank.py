@@ -100,10 +100,10 @@ def _config(args: argparse.Namespace):
 
 
 def _store(cfg):
-    from .banks import open_store
+    from .banks import open_configured_store
 
     b = cfg.banks
-    return open_store(b.store, b.prefix, b.keep_versions, b.password, b.username, b.tls_ca_file)
+    return open_configured_store(b)
 
 
 def cmd_bank(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from .batcher import OVERLOAD_POLICIES
+from .keys import DEFAULT_PREFIX
 # the line goes into Redis keys, ZMQ topics and every result header: one pattern for all of them
 from .wire import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, LINE_PATTERN, MAX_HEADER_BYTES, MIB,
                    WireLimits)
@@ -58,6 +59,10 @@ DEFAULT_HEATMAP_SCALE = 64.0  # calibrated value 1.0 -> 64, so values up to ~4 f
 DEFAULT_STREAM_MAXLEN = 100_000  # approximate MAXLEN of the Redis results stream
 DEFAULT_STREAM_BUFFER = 10_000  # results held in memory while Redis is down, then counted as lost
 DEFAULT_HEARTBEAT_TTL_S = 10  # the heartbeat key expires this long after the worker stops beating
+
+DEFAULT_ARCHIVE_MAX_MB = 1024.0  # failed frames at 256 px take ~20-40 KB each: tens of thousands fit
+DEFAULT_ARCHIVE_MAX_AGE_DAYS = 7.0
+DEFAULT_ARCHIVE_QUEUE = 64  # entries waiting for the disk; beyond, entries (never results) are lost
 
 DEFAULT_POLL_INTERVAL_S = 1.0  # bank epoch poll; pub/sub nudges make most changes faster
 DEFAULT_KEEP_VERSIONS = 3  # bank versions kept per product for rollback
@@ -212,12 +217,27 @@ class PublishConfig:
     heartbeat_ttl_s: int = _opt(DEFAULT_HEARTBEAT_TTL_S, _positive)
 
 
+def _unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """The failed-frame archive (``inspector.archive``): off unless ``dir`` is set."""
+
+    dir: str | None = _opt(None, _non_empty)
+    max_mb: float = _opt(DEFAULT_ARCHIVE_MAX_MB, _positive)
+    max_age_days: float = _opt(DEFAULT_ARCHIVE_MAX_AGE_DAYS, _positive)
+    sample_passed: float = _opt(0.0, _unit_interval)  # fraction of passed frames kept too
+    queue_size: int = _opt(DEFAULT_ARCHIVE_QUEUE, _positive)
+
+
 @dataclass(frozen=True)
 class BankConfig:
     """Where reference banks live (Redis or a local ``file://`` store) and how they are followed."""
 
     store: str = _opt("file:///var/lib/inspector/banks", _store_url)
-    prefix: str = _opt("inspector", _no_whitespace)
+    prefix: str = _opt(DEFAULT_PREFIX, _no_whitespace)
     password: str | None = _opt(None)
     username: str | None = _opt(None, _non_empty)
     poll_interval_s: float = _opt(DEFAULT_POLL_INTERVAL_S, _positive)
@@ -276,6 +296,7 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     banks: BankConfig = field(default_factory=BankConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -287,6 +308,7 @@ STAGES: dict[str, type] = {
     "engine": EngineConfig,
     "publish": PublishConfig,
     "banks": BankConfig,
+    "archive": ArchiveConfig,
     "calibration": CalibrationConfig,
     "http": HttpConfig,
     "log": LogConfig,

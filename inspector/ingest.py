@@ -18,6 +18,7 @@ import numpy as np
 import zmq
 
 from .batcher import FrameQueue, Job
+from .config import IngestConfig
 from .decode import decode_image, resize_square
 from .wire import FrameHeader, WireError, WireLimits, parse_frame
 
@@ -44,9 +45,9 @@ class Ingest:
 
     Args:
         context: the process's ZMQ context.
-        bind: endpoint to bind the PULL socket to.
-        rcvhwm: receive high-water mark (messages ZMQ queues before pushing back on senders).
-        limits: what a frame may be.
+        cfg: the line config's ``[ingest]``: the endpoint to bind the PULL socket to, the receive
+            high-water mark (messages ZMQ queues before pushing back on senders) and the wire
+            limits of what a frame may be (``IngestConfig.limits()``).
         queue: the bounded queue the engine reads.
         pool: the decode pool.
         size: model input size frames are resized to.
@@ -59,9 +60,7 @@ class Ingest:
     def __init__(
         self,
         context: zmq.Context,
-        bind: str,
-        rcvhwm: int,
-        limits: WireLimits,
+        cfg: IngestConfig,
         queue: FrameQueue,
         pool: Executor,
         size: int,
@@ -70,7 +69,7 @@ class Ingest:
         drop: Drop,
         configure: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
-        self.limits = limits
+        self.limits = limits = cfg.limits()
         self.queue = queue
         self.pool = pool
         self.size = size
@@ -78,12 +77,12 @@ class Ingest:
         self._reject = reject
         self._drop = drop
         self.socket = context.socket(zmq.PULL)
-        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.socket.setsockopt(zmq.RCVHWM, cfg.rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, OVERSIZE_FACTOR * (limits.max_payload_bytes + limits.max_header_bytes))
         if configure is not None:
             configure(self.socket)
-        self.socket.bind(bind)
+        self.socket.bind(cfg.bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.received = 0
         self._stop = threading.Event()

@@ -96,6 +96,11 @@ class WorkerMetrics:
         self.calibration_updates_total = Counter(
             "inspector_calibration_updates", "Changes to products' statistics, by product and kind "
             "(stream, frozen, unfrozen, persist_failed).", ["product", "kind"], registry=reg)
+        self.archive_written_total = Counter(
+            "inspector_archive_written", "Frames written to the failed-frame archive.", registry=reg)
+        self.archive_lost_total = Counter(
+            "inspector_archive_lost", "Frames the archive could not keep, by reason (queue_full, enospc, "
+            "eacces, erofs, ...): entries are lost, never results.", ["reason"], registry=reg)
         self.ready = Gauge("inspector_ready", "1 once the worker serves results, else 0.", registry=reg)
         self.info = Gauge("inspector_info", "Constant 1, labelled with the line and model id.",
                           ["line", "model"], registry=reg)
@@ -148,6 +153,12 @@ class WorkerMetrics:
 
     def set_stream_buffered(self, count: int) -> None:
         self.stream_buffered.set(count)
+
+    def archive_written(self) -> None:
+        self.archive_written_total.inc()
+
+    def archive_lost(self, reason: str) -> None:
+        self.archive_lost_total.labels(reason=reason).inc()
 
     def heatmap_error(self) -> None:
         self.heatmap_errors_total.inc()

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import structlog
@@ -26,6 +26,9 @@ from .decode import encode_heatmap
 from .keys import heartbeat_key, results_key
 from .metrics import WorkerMetrics
 from .wire import FAIL, HeatmapInfo, Latency, Result
+
+if TYPE_CHECKING:
+    from .archive import Archive
 
 STREAM_BATCH = 256  # results per pipelined XADD round trip
 STREAM_IDLE_S = 0.05  # the stream thread re-checks its buffer this often when idle
@@ -41,6 +44,7 @@ class Outgoing:
     calibrated: np.ndarray | None = None
     recv_s: float = 0.0
     ready_s: float = 0.0  # monotonic time the engine finished with it
+    pixels: np.ndarray | None = None  # the model's input, for the failed-frame archive
 
 
 class Publisher:
@@ -56,7 +60,9 @@ class Publisher:
         metrics: WorkerMetrics,
         stream: "StreamWriter | None" = None,
         configure: Callable[[zmq.Socket], None] | None = None,
+        archive: "Archive | None" = None,
     ) -> None:
+        self.archive = archive
         self.heatmaps = heatmaps
         self.scale = heatmap_scale
         self.metrics = metrics
@@ -132,6 +138,8 @@ class Publisher:
         self.counts[result.verdict] = self.counts.get(result.verdict, 0) + 1
         self.metrics.observe_result(result.verdict, result.reason or "", result.product, result.score,
                                     dataclasses.asdict(lat))
+        if self.archive is not None:  # after the result is out: the archive never delays or costs one
+            self.archive.offer(result, item.pixels, item.calibrated)
 
 
 class StreamWriter:

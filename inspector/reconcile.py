@@ -200,7 +200,7 @@ def add_reconcile_parser(sub: argparse._SubParsersAction) -> None:
 def _stream_results(args: argparse.Namespace) -> list[Mapping[str, Any] | None]:
     import os
 
-    from .banks import open_store
+    from .banks import open_configured_store
     from .config import default_config_path, load_config
 
     if not args.line:
@@ -216,7 +216,7 @@ def _stream_results(args: argparse.Namespace) -> list[Mapping[str, Any] | None]:
 
     from .banks import StoreError
 
-    store = open_store(b.store, b.prefix, b.keep_versions, b.password, b.username, b.tls_ca_file)
+    store = open_configured_store(b)
     try:
         return list(read_result_stream(store.client, stream_key(b.prefix, cfg.line)))
     except redis.RedisError as err:

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -32,7 +32,7 @@ import torch
 import zmq
 
 from .artifact import load_artifact
-from .banks import BankSnapshot, BankWatcher, RedisStore, build_snapshot, open_store
+from .banks import BankSnapshot, BankWatcher, RedisStore, build_snapshot, open_configured_store
 from .banks.record import BankMeta
 from .batcher import FrameQueue, Job
 from .config import WorkerConfig, redacted
@@ -41,9 +41,13 @@ from .metrics import HealthServer, WorkerMetrics
 from .model.bank import build_bank
 from .notify import Notifier
 from .publish import Outgoing, Publisher, StreamWriter
-from .wire import (DEADLINE_EXCEEDED, DROPPED, ENGINE_ERROR, ERROR, OVERLOAD, SHUTDOWN, TIMEOUT, Latency, Result,
-                   WireError)
+from .wire import (DEADLINE_EXCEEDED, DROPPED, ENGINE_ERROR, ERROR, MIB, OVERLOAD, SHUTDOWN, TIMEOUT, Latency,
+                   Result, WireError)
 
+if TYPE_CHECKING:
+    from .archive import Archive
+
+SECONDS_PER_DAY = 86_400
 LOOP_POLL_S = 0.25  # the loop wakes this often without frames: watchdog pings and stop checks
 STATS_EVERY_S = 60.0  # aggregate log line: frames are never logged one by one on the hot path
 REASON_OVERLOAD, REASON_DEADLINE, REASON_ENGINE, REASON_SHUTDOWN = OVERLOAD, DEADLINE_EXCEEDED, ENGINE_ERROR, SHUTDOWN
@@ -104,7 +108,7 @@ class Worker:
                       min_route_similarity=self.engine.min_route_similarity,
                       seconds=round(time.perf_counter() - t0, 2))
         b = cfg.banks
-        self.store = open_store(b.store, b.prefix, b.keep_versions, b.password, b.username, b.tls_ca_file)
+        self.store = open_configured_store(b)
         capacity = bank_capacity(model)
         self.watcher = BankWatcher(self.store, cfg.line, card.signature, model.channels, capacity,
                                    b.capacity_products, b.poll_interval_s, on_event=self._bank_event)
@@ -142,14 +146,14 @@ class Worker:
         from .security import curve_configurer  # CURVE keys, when configured
 
         server_side = curve_configurer(cfg.ingest, self.context)
+        self.archive = self._archive()
         self.publisher = Publisher(self.context, cfg.publish.bind, cfg.publish.sndhwm, cfg.publish.heatmaps,
-                                   cfg.publish.heatmap_scale, self.metrics, self.stream, server_side).start()
-        limits = cfg.ingest.limits()
+                                   cfg.publish.heatmap_scale, self.metrics, self.stream, server_side,
+                                   self.archive).start()
         from .ingest import Ingest
 
-        self.ingest = Ingest(self.context, cfg.ingest.bind, cfg.ingest.rcvhwm, limits, self.queue, self.pool,
-                             self.engine.input_size, cfg.batch.deadline_ms, self._reject, self._dropped,
-                             server_side)
+        self.ingest = Ingest(self.context, cfg.ingest, self.queue, self.pool, self.engine.input_size,
+                             cfg.batch.deadline_ms, self._reject, self._dropped, server_side)
         self.metrics.count_received(lambda: self.ingest.received)
 
     def _stream(self) -> StreamWriter | None:
@@ -160,6 +164,19 @@ class Worker:
         p = self.cfg.publish
         return StreamWriter(self.store.client, b.prefix, self.cfg.line, p.stream_maxlen, p.stream_buffer,
                             p.heartbeat_ttl_s, self.metrics, self._heartbeat).start()
+
+    def _archive(self) -> "Archive | None":
+        """The failed-frame archive, when the line config names a directory."""
+        a = self.cfg.archive
+        if a.dir is None:
+            return None
+        from .archive import Archive
+
+        archive = Archive(a.dir, int(a.max_mb * MIB), a.max_age_days * SECONDS_PER_DAY, a.sample_passed,
+                          self.cfg.publish.heatmap_scale, self.metrics.archive_lost, a.queue_size,
+                          written=self.metrics.archive_written).start()
+        self.log.info("archive_started", dir=a.dir, entries=archive.entries, mb=round(archive.nbytes / MIB, 1))
+        return archive
 
     def _heartbeat(self) -> dict:
         snap = self.watcher.snapshot
@@ -277,11 +294,11 @@ class Worker:
         infer_ms = round(1000 * (done - t0), 3)
         self.metrics.observe_batch(len(live))
         self.calibration.observe(snapshot, scored)
-        for (job, _, _), s in zip(live, scored):
+        for (job, pixels, _), s in zip(live, scored):
             lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
             result = self._result(job, s.verdict, s.reason, snapshot, score=s.score, threshold=self.engine.threshold,
                                   product=s.product, route_similarity=s.route_similarity, latency_ms=lat)
-            self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done))
+            self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done, pixels))
             self.processed += 1
 
     def _log_stats(self) -> None:
@@ -330,6 +347,8 @@ class Worker:
         self.queue.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.publisher.stop()
+        if self.archive is not None:
+            self.archive.stop()
         if self.stream is not None:
             self.stream.stop()
         self.watcher.stop()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import unquote, urlsplit
 
+from ..config import BankConfig
 from ..keys import DEFAULT_PREFIX, line_key
 from .normal import NormalStats, NormalStatsError
 from .record import BankError, BankMeta, check_name
@@ -119,6 +120,11 @@ def open_store(
     if scheme == "":
         return FileStore(Path(url), keep)
     raise ValueError(f"unknown bank store {redact_url(url)!r}: use redis://, rediss:// or file://")
+
+
+def open_configured_store(cfg: BankConfig) -> BankStore:
+    """The store a line config's ``[banks]`` names, with its prefix, versions kept and credentials."""
+    return open_store(cfg.store, cfg.prefix, cfg.keep_versions, cfg.password, cfg.username, cfg.tls_ca_file)
 
 
 # -- file:// -------------------------------------------------------------------------------------
