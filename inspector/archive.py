@@ -4,7 +4,9 @@ With ``[archive] dir`` set, the worker keeps every failed frame (and, with ``sam
 random fraction of passed ones) as one directory per frame::
 
     <dir>/<written_ns>-<frame_id>/result.json   the published result header
-    <dir>/<written_ns>-<frame_id>/frame.jpg     the model's input (resized RGB, JPEG quality 90)
+    <dir>/<written_ns>-<frame_id>/frame.png     the model's input (resized RGB, lossless: an
+                                                 operator can confirm it good with
+                                                 ``inspector bank feedback --archived``)
     <dir>/<written_ns>-<frame_id>/heatmap.png   the calibrated map (as published; absent when
                                                  the line computes no heatmaps)
 
@@ -37,12 +39,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import structlog
 
-from .decode import encode_heatmap, encode_jpeg
+from .decode import encode_heatmap, encode_png
 from .wire import FAIL, PASS, Result
 
-RESULT_FILE, FRAME_FILE, HEATMAP_FILE = "result.json", "frame.jpg", "heatmap.png"
+RESULT_FILE, FRAME_FILE, HEATMAP_FILE = "result.json", "frame.png", "heatmap.png"
 TMP_PREFIX = ".tmp-"
-FRAME_JPEG_QUALITY = 90
 STOP_POLL_S = 0.1
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 MAX_NAME_ID = 64  # characters of the frame id kept in the directory name
@@ -195,7 +196,7 @@ class Archive:
         try:
             tmp.mkdir()
             (tmp / RESULT_FILE).write_bytes(result.to_json())
-            (tmp / FRAME_FILE).write_bytes(encode_jpeg(pixels, FRAME_JPEG_QUALITY))
+            (tmp / FRAME_FILE).write_bytes(encode_png(pixels))
             if calibrated is not None:
                 (tmp / HEATMAP_FILE).write_bytes(encode_heatmap(calibrated, self.scale))
             nbytes = _size(tmp)

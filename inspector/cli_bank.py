@@ -69,7 +69,10 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
                     "normal set; its statistics are measured again and every worker on the line serves them "
                     "within one bank poll, without retraining or a restart.")
     common(p)
-    p.add_argument("--good", nargs="+", required=True, help="image files or folders of confirmed-good parts")
+    p.add_argument("--good", nargs="+", default=[], help="image files or folders of confirmed-good parts")
+    p.add_argument("--archived", nargs="+", default=[], metavar="FRAME_ID",
+                   help="frames from the failed-frame archive an operator confirmed good (with --archive-dir)")
+    p.add_argument("--archive-dir", help="the line's archive directory ([archive] dir)")
     p.add_argument("--artifact", help="model artifact (default: the line config's engine.artifact)")
 
     p = cmds.add_parser("remove", help="stop inspecting a product on a line")
@@ -196,6 +199,29 @@ def _refuse_over_capacity(over, capacity, card_images: int) -> None:
 FEEDBACK_TRIES = 3  # compare-and-set retries when a worker writes the statistics at the same moment
 
 
+def _archived_frames(args) -> list:
+    """The archived model inputs of ``--archived`` frame ids, each checked to be this product's."""
+    from .archive import FRAME_FILE, find_entry
+    from .banks import BankError
+
+    if not args.good and not args.archived:
+        raise BankError("no_images", "give confirmed-good images with --good or archived frames with --archived")
+    if not args.archived:
+        return []
+    if not args.archive_dir:
+        raise BankError("no_archive", "--archived needs --archive-dir (the line's [archive] dir)")
+    paths = []
+    for frame_id in args.archived:
+        entry = find_entry(args.archive_dir, frame_id)
+        if entry is None:
+            raise BankError("not_archived", f"frame {frame_id!r} is not in the archive {args.archive_dir}")
+        product = entry.result().get("product")
+        if product != args.product:
+            raise BankError("wrong_product", f"archived frame {frame_id!r} was judged as {product!r}, not {args.product!r}")
+        paths.append(entry.path / FRAME_FILE)
+    return paths
+
+
 def _feedback(args, cfg, store) -> int:
     import numpy as np
 
@@ -204,7 +230,7 @@ def _feedback(args, cfg, store) -> int:
     from .banks.register import extract, raw_scores_against, read_shots
 
     model, card = _load_model(cfg)
-    images = read_shots(args.good, model.input_size)
+    images = read_shots([*args.good, *_archived_frames(args)], model.input_size)
     meta = store.meta(args.line, args.product)
     shots = {im["sha256"] for im in meta.images}
     inside = [im.name for im in images if im.sha256 in shots]

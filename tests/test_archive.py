@@ -22,7 +22,7 @@ from inspector.wire import Result
 from .conftest import REPO
 from .test_worker import Line, config, line_setup  # noqa: F401  (line_setup is a fixture)
 
-PIXELS = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # ~5 KB as JPEG: noise
+PIXELS = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # ~12 KB as PNG: noise
 HEAT = np.linspace(0, 2, 64 * 64, dtype=np.float32).reshape(64, 64)
 WAIT_S = 30.0  # generous for a loaded 2-core machine; the archive is done in milliseconds when healthy
 
@@ -55,7 +55,7 @@ def test_a_burst_keeps_the_size_bound_and_the_newest_entries(tmp_path: Path) -> 
     assert [e.result()["frame_id"] for e in on_disk] == [f"f{i:03d}" for i in range(110, 120)]  # the newest stay
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(TMP_PREFIX)]
     names = {p.name for p in on_disk[-1].path.iterdir()}
-    assert names == {"result.json", "frame.jpg", "heatmap.png"}
+    assert names == {"result.json", "frame.png", "heatmap.png"}
 
 
 def test_the_age_bound_removes_old_entries_and_a_full_queue_is_counted(tmp_path: Path) -> None:
@@ -142,12 +142,31 @@ def test_a_worker_archives_what_it_judged_and_the_cli_reads_it(line_setup, tmp_p
     assert main(["archive", "list", "--dir", str(root), "--json"]) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(r["frame_id"] for r in listed) == sorted(results)
-    assert main(["archive", "show", "--dir", str(root), "a3"]) == 0 and "frame.jpg" in capsys.readouterr().out
+    assert main(["archive", "show", "--dir", str(root), "a3"]) == 0 and "frame.png" in capsys.readouterr().out
     assert main(["archive", "show", "--dir", str(root), "nope"]) == 1
     assert main(["archive", "export", "--dir", str(root), "--out", str(tmp_path / "x.tar"), "a1", "a2"]) == 0
     with tarfile.open(tmp_path / "x.tar") as tar:
         assert sorted({m.name.split("/")[0].split("-", 1)[1] for m in tar.getmembers()}) == ["a1", "a2"]
     assert main(["archive", "list", "--dir", str(tmp_path / "missing")]) == 2
+    # an operator confirms an archived frame good: it joins valve-a's normal set, exactly as served
+    from inspector.banks import open_store
+
+    store_url = f"file://{line_setup / 'banks'}"
+    store = open_store(store_url)
+    before = store.normal("7", "valve-a")
+    bank = ["bank", "feedback", "--line", "7", "--product", "valve-a", "--store", store_url,
+            "--artifact", str(line_setup / "model")]
+    assert main([*bank, "--archived", "a1", "--archive-dir", str(root)]) == 0
+    after = store.normal("7", "valve-a")
+    assert after.count == (before.count if before else 3) + 1 and after.source == "feedback"
+    assert main([*bank, "--archived", "nope", "--archive-dir", str(root)]) == 2  # not archived: nothing written
+    assert main([*bank, "--archived", "a1"]) == 2  # no --archive-dir
+    assert main(bank) == 2  # neither --good nor --archived
+    other = ["bank", "feedback", "--line", "7", "--product", "valve-b", "--store", store_url,
+             "--artifact", str(line_setup / "model"), "--archived", "a2", "--archive-dir", str(root)]
+    assert main(other) == 2 and "judged as 'valve-a'" in capsys.readouterr().err  # another product's frame
+    assert store.normal("7", "valve-a").revision == after.revision
+    store.close()
 
 
 def test_a_worker_with_an_unusable_archive_publishes_every_result(line_setup, tmp_path: Path) -> None:  # noqa: F811
