@@ -217,6 +217,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  scoring: {t['scoring']['shipped']}" + (f" ({sel['reason']})" if isinstance(sel, dict) else " (given)"))
     print(f"  thresholds at FRR {card.false_reject_rate} ({t.get('threshold_rule', 'pooled')}): "
           + ", ".join(f"{m} {v:.3f}" for m, v in t["thresholds"].items()))
+    if t.get("threshold_per_draw"):
+        per = t["threshold_per_draw"]
+        print(f"  shipped mode's threshold from each registration draw alone: {min(per):.3f} to {max(per):.3f} "
+              f"({len(per)} draws): how much it owes to which images registered the source classes")
     if t.get("threshold_by_rule"):
         print("  shipped mode's threshold by rule: " + ", ".join(f"{r} {v:.3f}" for r, v in t["threshold_by_rule"].items()))
     per_class = t["holdout"].get("per_class") or {}

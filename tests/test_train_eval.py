@@ -41,6 +41,10 @@ def test_train_writes_a_complete_card(trained: tuple[Path, Path]) -> None:
     assert t["threshold_rule"] == "class_median"  # the default; every rule's threshold is recorded
     assert set(t["threshold_by_rule"]) == {"class_median", "pooled", "class_mean"}
     assert t["threshold_by_rule"]["class_median"] == pytest.approx(t["thresholds"]["bank"], abs=1e-4)  # rounded to 4 places
+    from trainer.calibrate import CalibrationConfig
+
+    per_draw = t["threshold_per_draw"]  # the sampling spread of the shipped threshold, one per draw
+    assert len(per_draw) == CalibrationConfig().draws and all(isinstance(v, float) for v in per_draw)
     log = (model.parent / "model.work" / "train_log.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["step"] == 4
 
@@ -229,6 +233,10 @@ def test_threshold_draws_never_score_a_registered_image(scoring: str, monkeypatc
         regs = set().union(*registered[2 * draw : 2 * draw + 2])
         seen = set().union(*scored[draw * len(scored) // 2 : (draw + 1) * len(scored) // 2])  # draw after draw
         assert not regs & seen and len(seen) == 2 * per_draw_scored
+    assert sorted(set(out["draw"].tolist())) == [0, 1] and (out["draw"] == 0).sum() == 2 * per_draw_scored
+    per = calibrate.threshold_per_draw(out, "bank", 0.01, "class_median")
+    first = out["draw"] == 0
+    assert per[0] == pytest.approx(calibrate.place_threshold(out["bank"][first], out["class"][first], 0.01, "class_median"))
     thresholds = calibrate.thresholds(out, 0.01, "class_median")
     held = ~out["in_fit"]  # the CADA head's threshold comes from images it was not fitted on
     assert thresholds["cada"] == pytest.approx(calibrate.place_threshold(out["cada"][held], out["class"][held], 0.01, "class_median"))

@@ -196,10 +196,10 @@ def holdout_scores(
     the normal statistics), then routes the pool's other images among them, as the worker would.
     """
     scores: dict[str, list[torch.Tensor]] = {m: [] for m in CALIBRATION_MODES}
-    for key in ("routed_correctly", "class", "in_fit"):
+    for key in ("routed_correctly", "class", "in_fit", "draw"):
         scores[key] = []
     pools = [threshold_pool(model, mat) for mat in classes]
-    for _ in tqdm(range(cfg.draws), desc="threshold draws", unit="draw", disable=not progress):
+    for draw in tqdm(range(cfg.draws), desc="threshold draws", unit="draw", disable=not progress):
         banks, scored = [], []
         for mat, (pool, _) in zip(classes, pools):
             n = pool[0].shape[0]
@@ -224,6 +224,7 @@ def holdout_scores(
                 scores["routed_correctly"].append((analysis.product == c).float())
                 scores["class"].append(torch.full((len(part),), c, dtype=torch.long))
                 scores["in_fit"].append(torch.as_tensor(in_fit[part]))
+                scores["draw"].append(torch.full((len(part),), draw, dtype=torch.long))
     return {m: torch.cat(v).numpy() for m, v in scores.items()}
 
 
@@ -251,6 +252,13 @@ def place_threshold(scores: np.ndarray, class_of: np.ndarray, rate: float, rule:
     if rule == "class_mean":
         return float(np.mean(per))
     raise ValueError(f"unknown threshold rule {rule!r}: use one of {THRESHOLD_RULES}")
+
+
+def threshold_per_draw(scores: dict[str, np.ndarray], mode: str, rate: float, rule: str) -> list[float]:
+    """The line threshold each registration draw alone would have placed: how much the shipped one
+    (placed on all draws together) owes to which images registered the source classes."""
+    return [place_threshold(scores[mode][scores["draw"] == d], scores["class"][scores["draw"] == d], rate, rule)
+            for d in np.unique(scores["draw"])]
 
 
 def thresholds(scores: dict[str, np.ndarray], rate: float, rule: str = "pooled") -> dict[str, float]:

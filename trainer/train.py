@@ -103,6 +103,8 @@ def train(
         "threshold_rule": rule,
         "threshold_by_rule": {r: round(calibrate.place_threshold(held[model_cfg.score.calibration], held["class"], rate, r), 4)
                               for r in calibrate.THRESHOLD_RULES},
+        # the shipped mode's threshold from each registration draw alone: its sampling spread
+        "threshold_per_draw": [round(t, 4) for t in calibrate.threshold_per_draw(held, mode, rate, rule)],
         "holdout": {
             "n": int(len(held["cada"])),
             "routing_accuracy": float(held["routed_correctly"].mean()),
