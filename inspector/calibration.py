@@ -22,8 +22,9 @@ from .banks.normal import NormalStats, StreamCalibrator, StreamConfig
 from .banks.stores import BankStore, StoreError
 from .banks.watcher import BankSnapshot
 from .config import CalibrationConfig
-from .engine import REASON_ANOMALY, Scored
+from .engine import Scored
 from .metrics import WorkerMetrics
+from .wire import ANOMALY
 
 
 def stream_config(cfg: CalibrationConfig) -> StreamConfig:
@@ -110,7 +111,7 @@ class LineCalibration:
             self._follow(snapshot)
         changed = False
         for s in scored:
-            if s.product is None or s.raw_score is None or s.reason not in (None, REASON_ANOMALY):
+            if s.product is None or s.raw_score is None or s.reason not in (None, ANOMALY):
                 continue
             before = self.calibrator.current(s.product)
             new = self.calibrator.observe(s.product, s.raw_score, s.verdict == "fail")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .testkit import free_port, wait_for_worker
+from .wire import UNKNOWN_PRODUCT
 
 SOURCE = ("tiles", "rings")  # the model is fitted on these
 LINE = ("dots", "rings", "weave")  # the line carries these; weave is registered live
@@ -261,7 +262,7 @@ def _live_add(stream, results, registered_at: int | None, live_epoch: int | None
     after = [(i, r) for i, r in served if r.bank_epoch >= live_epoch]
     first = min((i for i, _ in after), default=None)
     return {"registered_at_frame": registered_at, "epoch": live_epoch, "frames_checked": len(after),
-            "unknown_after_add": sum(1 for _, r in after if r.reason == "unknown_product"),
+            "unknown_after_add": sum(1 for _, r in after if r.reason == UNKNOWN_PRODUCT),
             "first_inspected_frame": first}
 
 
@@ -297,7 +298,7 @@ def _summarise(out: Path, stream, results, sent, added_at, live_epoch, exit_code
             continue
         r, _, done = got
         e2e.append((done - sent[item["frame_id"]]) / 1e6)
-        if r.reason == "unknown_product":
+        if r.reason == UNKNOWN_PRODUCT:
             row["unknown_product"] += 1
         elif r.verdict in ("pass", "fail"):
             row[f"{item['truth']}_{r.verdict}"] += 1

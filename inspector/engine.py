@@ -23,8 +23,6 @@ from .model.config import CALIBRATION_MODES
 from .model.serving import ServingGraph, input_names
 from .wire import ANOMALY, NO_PRODUCTS, UNKNOWN_PRODUCT
 
-REASON_ANOMALY, REASON_UNKNOWN, REASON_NO_PRODUCTS = ANOMALY, UNKNOWN_PRODUCT, NO_PRODUCTS  # defined in wire
-
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -272,7 +270,7 @@ class Engine:
         """
         n = len(hints)
         if snapshot.tensors is None:
-            return [Scored("fail", REASON_NO_PRODUCTS, None, None, None, None) for _ in range(n)]
+            return [Scored("fail", NO_PRODUCTS, None, None, None, None) for _ in range(n)]
         hint_rows = [(-1 if h is None else snapshot.index(h)) for h in hints]
         unknown_hint = [r is None for r in hint_rows]
         hint = torch.tensor([0 if r is None else r for r in hint_rows], dtype=torch.long, device=self.device)
@@ -295,11 +293,11 @@ class Engine:
             heat = cal[i] if cal is not None else None
             name = snapshot.name(int(product[i]))
             if unknown_hint[i]:
-                out.append(Scored("fail", REASON_UNKNOWN, None, hints[i], None, None))
+                out.append(Scored("fail", UNKNOWN_PRODUCT, None, hints[i], None, None))
             elif unknown[i]:
-                out.append(Scored("fail", REASON_UNKNOWN, float(score[i]), None, float(sim[i]), heat))
+                out.append(Scored("fail", UNKNOWN_PRODUCT, float(score[i]), None, float(sim[i]), heat))
             elif fail[i]:
-                out.append(Scored("fail", REASON_ANOMALY, float(score[i]), name, float(sim[i]), heat, float(raw[i])))
+                out.append(Scored("fail", ANOMALY, float(score[i]), name, float(sim[i]), heat, float(raw[i])))
             else:
                 out.append(Scored("pass", None, float(score[i]), name, float(sim[i]), heat, float(raw[i])))
         return out

@@ -101,6 +101,7 @@ OVERLOAD = "overload"  # dropped by the overload policy (worker)
 SHUTDOWN = "shutdown"  # dropped while the worker stops (worker)
 DEADLINE_EXCEEDED = "deadline_exceeded"  # past its deadline before inference (worker)
 ENGINE_ERROR = "engine_error"  # inference failed for the batch (worker)
+DECODE_FAILED = "decode_failed"  # the decoder itself crashed on a frame (worker; a bug, logged)
 # Failures while decoding the image (raised as inspector.decode.DecodeError).
 CORRUPT_IMAGE = "corrupt_image"
 IMAGE_TOO_LARGE = "image_too_large"
@@ -111,7 +112,7 @@ INPUT_ERRORS = (BAD_PARTS, HEADER_TOO_LARGE, BAD_HEADER, BAD_VERSION, MISSING_FI
 REASONS = {  # verdict -> the reasons a result of that verdict may carry (a pass carries none)
     PASS: (),
     FAIL: (ANOMALY, UNKNOWN_PRODUCT, NO_PRODUCTS),
-    ERROR: (*INPUT_ERRORS, ENGINE_ERROR),
+    ERROR: (*INPUT_ERRORS, ENGINE_ERROR, DECODE_FAILED),
     TIMEOUT: (DEADLINE_EXCEEDED,),
     DROPPED: (OVERLOAD, SHUTDOWN),
 }

@@ -41,8 +41,8 @@ from .metrics import HealthServer, WorkerMetrics
 from .model.bank import build_bank
 from .notify import Notifier
 from .publish import Outgoing, Publisher, StreamWriter
-from .wire import (DEADLINE_EXCEEDED, DROPPED, ENGINE_ERROR, ERROR, MIB, OVERLOAD, SHUTDOWN, TIMEOUT, Latency,
-                   Result, WireError)
+from .wire import (DEADLINE_EXCEEDED, DECODE_FAILED, DROPPED, ENGINE_ERROR, ERROR, MIB, OVERLOAD, SHUTDOWN, TIMEOUT,
+                   Latency, Result, WireError)
 
 if TYPE_CHECKING:
     from .archive import Archive
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 SECONDS_PER_DAY = 86_400
 LOOP_POLL_S = 0.25  # the loop wakes this often without frames: watchdog pings and stop checks
 STATS_EVERY_S = 60.0  # aggregate log line: frames are never logged one by one on the hot path
-REASON_OVERLOAD, REASON_DEADLINE, REASON_ENGINE, REASON_SHUTDOWN = OVERLOAD, DEADLINE_EXCEEDED, ENGINE_ERROR, SHUTDOWN
 EXIT_SECOND_SIGNAL = 1
 # Epoch on the wire while no bank set has been loaded (the store was unreachable at start): the
 # wire's epoch is non-negative, and 0 is what a line with nothing registered reports anyway.
@@ -198,7 +197,7 @@ class Worker:
         self.publisher.submit(Outgoing(result))
 
     def _dropped(self, job: Job) -> None:
-        reason = REASON_SHUTDOWN if self._stop.is_set() else REASON_OVERLOAD
+        reason = SHUTDOWN if self._stop.is_set() else OVERLOAD
         self.publisher.submit(Outgoing(self._result(job, DROPPED, reason), recv_s=job.recv_s))
 
     # -- the loop --------------------------------------------------------------------------
@@ -264,7 +263,7 @@ class Worker:
             if dequeued > job.deadline_s:
                 if job.decoded is not None:
                     job.decoded.cancel()
-                self._emit(job, TIMEOUT, REASON_DEADLINE, Latency(queue=round(queue_ms, 3)))
+                self._emit(job, TIMEOUT, DEADLINE_EXCEEDED, Latency(queue=round(queue_ms, 3)))
                 continue
             try:
                 pixels, decode_ms = job.decoded.result()
@@ -273,7 +272,7 @@ class Worker:
                 continue
             except Exception as err:  # a decoder bug must cost one frame, not the worker
                 self.log.error("decode_crashed", frame_id=job.header.frame_id, error=repr(err))
-                self._emit(job, ERROR, "decode_failed", Latency(queue=round(queue_ms, 3)))
+                self._emit(job, ERROR, DECODE_FAILED, Latency(queue=round(queue_ms, 3)))
                 continue
             job.times = {"queue": queue_ms, "decode": decode_ms}
             live.append((job, pixels, queue_ms))
@@ -288,7 +287,7 @@ class Worker:
         except Exception as err:  # e.g. out of memory: fail this batch's frames loudly, keep serving
             self.log.error("engine_failed", batch=len(live), error=repr(err))
             for job, _, queue_ms in live:
-                self._emit(job, ERROR, REASON_ENGINE, Latency(queue=round(queue_ms, 3)))
+                self._emit(job, ERROR, ENGINE_ERROR, Latency(queue=round(queue_ms, 3)))
             return
         done = time.monotonic()
         infer_ms = round(1000 * (done - t0), 3)

@@ -49,3 +49,9 @@ def test_every_result_reason_is_defined_once_in_the_wire_module() -> None:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
                 assert node.value.value not in every, f"{path.name}:{node.lineno} redefines reason {node.value.value!r}"
+            # nor spells one inline where it sets or tests a result's reason
+            inline = [*node.comparators, node.left] if isinstance(node, ast.Compare) else \
+                node.args if isinstance(node, ast.Call) else []
+            for arg in inline:
+                assert not (isinstance(arg, ast.Constant) and arg.value in every), \
+                    f"{path.name}:{node.lineno} spells reason {arg.value!r} instead of importing it"
