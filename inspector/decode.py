@@ -159,10 +159,11 @@ def _check_magic(header: FrameHeader, view: memoryview) -> None:
     raise _fail(header, CORRUPT_IMAGE, f"payload does not start with the {declared} signature")
 
 
-def _open(data: Any, pillow_format: str, header: FrameHeader | None) -> Image.Image:
-    """Read the image header only (no pixels yet), restricted to one Pillow plugin."""
+def _open(data: Any, pillow_format: str | None, header: FrameHeader | None) -> Image.Image:
+    """Read the image header only (no pixels yet), restricted to one Pillow plugin (any plugin
+    with ``pillow_format`` None: a file that is neither PNG nor JPEG)."""
     try:
-        return Image.open(io.BytesIO(data), formats=[pillow_format])
+        return Image.open(io.BytesIO(data), formats=[pillow_format] if pillow_format else None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard, at open, for sizes far past our limits. Between its two thresholds
         # (about 89 and 179 MP) it only warns, which raises here only where warnings were made
@@ -171,7 +172,7 @@ def _open(data: Any, pillow_format: str, header: FrameHeader | None) -> Image.Im
     except Exception as exc:
         # Pillow reports malformed data with many exception types (OSError, SyntaxError,
         # ValueError, struct.error, zlib.error, EOFError, ...): all mean the same here.
-        detail = f"cannot read the {pillow_format} header ({type(exc).__name__}: {exc})"
+        detail = f"cannot read the {pillow_format or 'image'} header ({type(exc).__name__}: {exc})"
         raise _fail(header, CORRUPT_IMAGE, detail) from None
 
 
@@ -236,14 +237,11 @@ def decode_file(data: bytes, limits: WireLimits = WireLimits(), reduce_to: int |
     Raises:
         DecodeError: the bytes are not a readable image within ``limits``.
     """
-    encoding = "png" if data.startswith(PNG_MAGIC) else "jpeg" if data.startswith(JPEG_MAGIC) else None
+    encoding = next((e for e, magic in MAGIC.items() if data.startswith(magic)), None)
     if encoding is not None:
         header = FrameHeader(frame_id="file", camera="file", ts_ns=0, encoding=encoding)
         return decode_image(header, data, limits, reduce_to)
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Exception as exc:  # Pillow's range of exception types for unreadable data
-        raise _fail(None, CORRUPT_IMAGE, f"not a readable image ({type(exc).__name__}: {exc})") from None
+    image = _open(data, None, None)
     try:
         _check_size(image, limits, None)
         return _to_rgb(image, None)
