@@ -153,15 +153,20 @@ class Archive:
     def nbytes(self) -> int:
         return self._bytes
 
-    def offer(self, result: Result, pixels: np.ndarray | None, calibrated: np.ndarray | None) -> bool:
-        """Queue a judged frame for the archive; never blocks. True when it was queued."""
+    def offer(self, result: Result, pixels: np.ndarray | None, calibrated: np.ndarray | None,
+              heatmap_png: bytes = b"") -> bool:
+        """Queue a judged frame for the archive; never blocks. True when it was queued.
+
+        ``heatmap_png`` is the heatmap as published, when the publisher encoded one: it is kept
+        as it is; otherwise the archive encodes ``calibrated`` itself (a passed frame on a line
+        that publishes heatmaps of failed frames only)."""
         if result.verdict == PASS:
             if self.sample_passed <= 0 or self._rng.random() >= self.sample_passed:
                 return False
         elif result.verdict != FAIL or pixels is None:
             return False  # errors, timeouts and drops have no judged pixels
         try:
-            self._queue.put_nowait((result, pixels, calibrated))
+            self._queue.put_nowait((result, pixels, calibrated, heatmap_png))
         except queue.Full:
             self._lose("queue_full")
             return False
@@ -189,7 +194,7 @@ class Archive:
                 self._lose("error")
                 self._log.error("archive_write_crashed", frame_id=item[0].frame_id, error=repr(err))
 
-    def _write(self, result: Result, pixels: np.ndarray, calibrated: np.ndarray | None) -> None:
+    def _write(self, result: Result, pixels: np.ndarray, calibrated: np.ndarray | None, heatmap_png: bytes) -> None:
         now = self.clock_ns()
         name = entry_name(now, result.frame_id)
         tmp = self.root / f"{TMP_PREFIX}{name}"
@@ -197,8 +202,8 @@ class Archive:
             tmp.mkdir()
             (tmp / RESULT_FILE).write_bytes(result.to_json())
             (tmp / FRAME_FILE).write_bytes(encode_png(pixels))
-            if calibrated is not None:
-                (tmp / HEATMAP_FILE).write_bytes(encode_heatmap(calibrated, self.scale))
+            if heatmap_png or calibrated is not None:
+                (tmp / HEATMAP_FILE).write_bytes(heatmap_png or encode_heatmap(calibrated, self.scale))
             nbytes = _size(tmp)
             os.rename(tmp, self.root / name)
         except BaseException:

@@ -139,7 +139,7 @@ class Publisher:
         self.metrics.observe_result(result.verdict, result.reason or "", result.product, result.score,
                                     dataclasses.asdict(lat))
         if self.archive is not None:  # after the result is out: the archive never delays or costs one
-            self.archive.offer(result, item.pixels, item.calibrated)
+            self.archive.offer(result, item.pixels, item.calibrated, png)
 
 
 class StreamWriter:

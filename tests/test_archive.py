@@ -125,7 +125,9 @@ def test_a_worker_archives_what_it_judged_and_the_cli_reads_it(line_setup, tmp_p
     try:
         for i in range(6):
             ln.send(f"a{i}", product="valve-a")
-        results = {r.frame_id: r for r, _ in ln.results(6)}
+        got = ln.results(6)
+        results = {r.frame_id: r for r, _ in got}
+        published_png = {r.frame_id: png for r, png in got}
         assert sorted(results) == [f"a{i}" for i in range(6)]
         end = time.monotonic() + WAIT_S
         while len(scan(root)) < 6 and time.monotonic() < end:
@@ -134,6 +136,8 @@ def test_a_worker_archives_what_it_judged_and_the_cli_reads_it(line_setup, tmp_p
         assert sorted(archived) == sorted(results)  # every judged frame (passes sampled at 1.0)
         for fid, r in results.items():
             assert archived[fid]["verdict"] == r.verdict and archived[fid]["score"] == pytest.approx(r.score)
+        for entry, r in list_entries(root):  # the heatmap as published (the line sends all heatmaps)
+            assert (entry.path / "heatmap.png").read_bytes() == published_png[r["frame_id"]]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{ln.worker.health.port}/metrics", timeout=5).read().decode()
         assert "inspector_archive_written_total 6.0" in metrics
     finally:
