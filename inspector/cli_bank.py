@@ -105,8 +105,7 @@ def _config(args: argparse.Namespace):
 def _store(cfg):
     from .banks import open_configured_store
 
-    b = cfg.banks
-    return open_configured_store(b)
+    return open_configured_store(cfg.banks)
 
 
 def cmd_bank(args: argparse.Namespace) -> int:

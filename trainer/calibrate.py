@@ -267,6 +267,6 @@ def thresholds(scores: dict[str, np.ndarray], rate: float, rule: str = "pooled")
     it was not fitted on (``scores["in_fit"]`` false)."""
     out = {}
     for m in CALIBRATION_MODES:
-        keep = ~scores["in_fit"].astype(bool) if m == "cada" and "in_fit" in scores else slice(None)
+        keep = ~scores["in_fit"] if m == "cada" else slice(None)
         out[m] = place_threshold(scores[m][keep], scores["class"][keep], rate, rule)
     return out
