@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import structlog
@@ -248,15 +248,15 @@ def find_entry(root: str | Path, frame_id: str) -> Entry | None:
     return None
 
 
-def export_entries(root: str | Path, out: str | Path, frame_ids: Sequence[str] = ()) -> int:
-    """Write the entries (all, or those of ``frame_ids``) to a ``.tar`` file; returns how many."""
+def export_entries(root: str | Path, out: str | Path, frame_ids: Sequence[str] = ()) -> list[str]:
+    """Write the entries (all, or those of ``frame_ids``) to a ``.tar`` file; returns the frame
+    id of each entry written."""
     wanted = set(frame_ids)
-    entries: Iterable[tuple[Entry, dict]] = list_entries(root)
-    count = 0
+    written = []
     with tarfile.open(out, "w") as tar:
-        for entry, result in entries:
+        for entry, result in list_entries(root):
             if wanted and result.get("frame_id") not in wanted:
                 continue
             tar.add(entry.path, arcname=entry.name)
-            count += 1
-    return count
+            written.append(result.get("frame_id"))
+    return written

@@ -56,9 +56,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
         for f in sorted(entry.path.iterdir()):
             print(f"{f}  {f.stat().st_size} bytes")
         return EXIT_OK
-    n = export_entries(root, args.out, args.frame_ids)
-    missing = set(args.frame_ids) - {r.get("frame_id") for _, r in list_entries(root)}
+    exported = export_entries(root, args.out, args.frame_ids)
+    missing = set(args.frame_ids) - set(exported)
     if missing:
         print(f"warning: not in the archive: {', '.join(sorted(missing))}", file=sys.stderr)
-    print(f"exported {n} entries to {args.out}")
-    return EXIT_OK if n or not args.frame_ids else EXIT_NOT_FOUND
+    print(f"exported {len(exported)} entries to {args.out}")
+    return EXIT_OK if exported or not args.frame_ids else EXIT_NOT_FOUND
