@@ -19,9 +19,9 @@ from pathlib import Path
 
 
 from inspector.artifact import load_artifact
-from inspector.banks.normal import DEFAULT_METHOD
+from inspector.banks.normal import METHODS
 from inspector.cli import coreset_arg, format_summary
-from inspector.model import ModelConfig
+from inspector.model import ModelConfig, ScoreConfig
 from inspector.model.bank import describe_coreset
 from inspector.model.config import CALIBRATION_MODES, CONSTRAINTORS, SCORINGS
 from trainer.calibrate import THRESHOLD_RULES, CalibrationConfig
@@ -35,7 +35,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     base = ModelConfig()
     flow = dataclasses.replace(base.flow, constraintor=args.constraintor, position=not args.no_position)
     scoring = base.score.scoring if args.scoring == "select" else args.scoring
-    score = dataclasses.replace(base.score, scoring=scoring, calibration=args.calibration)
+    score = dataclasses.replace(base.score, scoring=scoring, calibration=args.calibration,
+                                normalisation=args.normalisation)
     bank = dataclasses.replace(base.bank, coreset=args.coreset or None, images=args.bank_images)
     return dataclasses.replace(base, flow=flow, score=score, bank=bank)
 
@@ -63,20 +64,20 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
     (out / "card.json").write_text(card.to_json())
     summary = {"split": name, "source": source, "target": target, "fit_seconds": round(fit_seconds, 1),
                "eval_seconds": round(time.perf_counter() - t1, 1), "table": format_summary(report),
-               "bar": bar_keys(report, model.cfg.score.calibration, model.cfg.score.scoring)}
+               "bar": bar_keys(report, model.cfg.score)}
     summary["bar"]["threshold_rule"] = card.training.get("threshold_rule")
     print(f"== split {name}: fit on {source}, evaluate on {target}\n{summary['table']}", flush=True)
     return summary
 
 
-def bar_keys(report: dict, mode: str, scoring: str) -> dict[str, object]:
+def bar_keys(report: dict, score: ScoreConfig) -> dict[str, object]:
     """The split's numbers under the keys a script checks (issue "per-product calibration")."""
-    s, line = report["summary"], report["line"]
+    s, line, mode = report["summary"], report["line"], score.calibration
     classes = report["target_classes"]
     out: dict[str, object] = {
         "targets": classes, "registration_images": line["registration_images"], "draws": line["draws"],
         "bank_images": report["bank_images"], "coreset": report["coreset"],
-        "scoring": scoring, "calibration": mode, "normalisation": DEFAULT_METHOD, "threshold": line["threshold"],
+        "scoring": score.scoring, "calibration": mode, "normalisation": score.normalisation, "threshold": line["threshold"],
         "per_class_auroc": s[mode]["class_separated_mean"]["image_auroc"]["mean"],
         "mixed_auroc": s[mode]["mixed"]["image_auroc"]["mean"],
         "distance_per_class_auroc": s["baseline"]["class_separated_mean"]["image_auroc"]["mean"],
@@ -110,6 +111,7 @@ def main() -> int:
     p.add_argument("--scoring", default=ModelConfig().score.scoring, choices=("select", *SCORINGS),
                    help="select: leave-one-source-class-out choice, as inspector train does (4 fits per split)")
     p.add_argument("--calibration", default=ModelConfig().score.calibration, choices=CALIBRATION_MODES)
+    p.add_argument("--normalisation", default=ModelConfig().score.normalisation, choices=METHODS)
     p.add_argument("--registration-images", type=int, default=50, help="good images each class is registered from")
     p.add_argument("--threshold-rule", default=CalibrationConfig.threshold_rule, choices=THRESHOLD_RULES,
                    help="how the source classes' held-out good scores place the line threshold")

@@ -157,8 +157,25 @@ def evaluate(scores: dict, rate: float) -> dict:
     return out
 
 
+def scale_spread(scores: dict) -> dict[str, dict[str, float]]:
+    """Per normalisation and class: how much the product's upper anchor ``gamma`` moved between
+    registration draws (standard deviation over mean): the noise a registration adds to its scale."""
+    out: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        for c, v in scores.items():
+            g = np.asarray([scale_of(d["registration"], method)[1] for d in v["draws"]])
+            out.setdefault(method, {})[c] = round(float(g.std() / g.mean()), 4)
+    return out
+
+
 def table(result: dict) -> str:
-    lines = ["each class unseen in turn, the threshold from the other four "
+    cv = result.get("gamma_cv", {})
+    classes = sorted(next(iter(cv.values()), {}))
+    lines = ["gamma's spread between registration draws (standard deviation / mean), per class"]
+    lines.append(f"{'normalisation':14s} " + " ".join(f"{c[:13]:>13s}" for c in classes))
+    for method, per in cv.items():
+        lines.append(f"{method:14s} " + " ".join(f"{per[c]:13.3f}" for c in classes))
+    lines += ["", "each class unseen in turn, the threshold from the other four "
              "(range: how far the line threshold moved between those source sets)",
              f"{'normalisation/holdout/rule':34s} {'range':>6s} {'FRR':>6s} {'maxFRR':>6s} {'gap':>6s} {'maxgap':>6s} bar"]
     for key, r in result["splits"].get("each_unseen", {}).items():
@@ -218,7 +235,7 @@ def main() -> int:
         cache.write_text(json.dumps(cached))
     result = {k: cached[k] for k in ("commit", "machine", "date", "settings")} | {
         "scores_seconds": cached.get("seconds"), "frr_target": args.frr_target,
-        "splits": evaluate(cached["classes"], args.frr_target)}
+        "splits": evaluate(cached["classes"], args.frr_target), "gamma_cv": scale_spread(cached["classes"])}
     text = table(result)
     print(text)
     out = Path(args.out)

@@ -75,6 +75,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                                                      "per level (default 1024,4096,4096; 'all': no cap)")
     p.add_argument("--calibration", choices=("cada", "bank", "none"),  # model.config.CALIBRATION_MODES
                    help="shipped calibration mode (default bank: each product's own normal statistics)")
+    p.add_argument("--normalisation", choices=("q90", "max", "median_max", "quantile", "zscore", "robust"),
+                   # inspector.banks.normal.METHODS, without importing numpy
+                   help="how each product's good images' scores set its scale (default q90: 0 and their 90th "
+                        "percentile; benchmarks/results/threshold_rules.md compares them)")
     p.add_argument("--scoring", choices=("select", "distance", "flow"),  # "select" + model.config.SCORINGS
                    default="select",
                    help="raw map: 'select' (default) fits the flows with each source class held out in turn and "
@@ -156,7 +160,8 @@ def model_config_from(args: argparse.Namespace):
     if bank:
         cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, **bank))
     scoring = args.scoring if args.scoring != "select" else None
-    score = {k: v for k, v in (("calibration", args.calibration), ("scoring", scoring)) if v}
+    score = {k: v for k, v in (("calibration", args.calibration), ("scoring", scoring),
+                               ("normalisation", args.normalisation)) if v}
     if score:
         cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, **score))
     flow = {k: v for k, v in (("constraintor", args.constraintor), ("position", False if args.no_position else None)) if v is not None}

@@ -387,7 +387,7 @@ def _write_overlays(out: Path, stream, results) -> None:
         kept[key] = kept.get(key, 0) + 1
         image = to_model_input(Path(item["path"]).read_bytes(), DEMO_SIZE).astype(np.float32)
         heat = decode_heatmap(png, r.heatmap.scale)
-        level = np.clip(heat / 2.0, 0.0, 1.0)[..., None]  # calibrated 0 (normal) .. 2 (well past normal max)
+        level = np.clip(heat / 2.0, 0.0, 1.0)[..., None]  # calibrated 0 (normal) .. 2 (well past the good parts' tail)
         red = np.zeros_like(image)
         red[..., 0] = 255
         overlay = image * (1 - 0.6 * level) + red * 0.6 * level
@@ -404,6 +404,6 @@ def _write_overlays(out: Path, stream, results) -> None:
         "<!doctype html><meta charset='utf-8'><title>Inspector demo heatmaps</title>"
         "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px}</style>"
         "<h1>Inspector demo: frames and calibrated anomaly maps</h1><p>Left: the frame as the model "
-        "sees it. Right: red where the calibrated map is high (1 = the highest image score among the "
-        "product's good registration images; the line threshold is on the same scale).</p>"
+        "sees it. Right: red where the calibrated map is high (1 = a score 9 in 10 of the "
+        "product's good registration images stay under; the line threshold is on the same scale).</p>"
         + rows)

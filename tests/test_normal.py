@@ -17,6 +17,7 @@ from inspector.banks.normal import (
     METHODS,
     MIN_SPREAD_FRACTION,
     RELIABLE_COUNT,
+    STREAM_ANCHOR_Z,
     Z_MAX_50,
     Z_HIGH,
     DEFAULT_METHOD,
@@ -33,7 +34,7 @@ from inspector.banks.normal import (
 )
 from inspector.banks.register import ShotImage, extract, fold_of, register_features, register_product
 from inspector.banks.watcher import BankWatcher
-from inspector.model import InspectionModel
+from inspector.model import InspectionModel, ModelConfig
 from inspector.model.bank import build_fold_banks, position_vectors, stack_banks
 
 from .conftest import tiny_config
@@ -69,13 +70,31 @@ def test_quantile_scale_is_median_and_95th_percentile() -> None:
     assert int((calibrated(scores, u, gamma) > 1.0 + 1e-12).sum()) == 25
 
 
-def test_default_scale_is_the_ratio_to_the_maximum() -> None:
-    scores = np.random.default_rng(1).gamma(2.0, 0.1, 46)
+def test_default_scale_is_the_ratio_to_the_90th_percentile() -> None:
+    scores = np.random.default_rng(1).gamma(2.0, 0.1, 51)
     u, gamma = scale_of(scores)
-    assert DEFAULT_METHOD == "max"
+    assert DEFAULT_METHOD == "q90" == ModelConfig().score.normalisation
+    assert u == 0.0 and gamma == pytest.approx(np.quantile(scores, 0.9), rel=1e-12)
+    cal = calibrated(scores, u, gamma)
+    # 51 scores: numpy's linear interpolation puts the 90th percentile on the 46th smallest,
+    # so exactly 5 lie above 1.0, and every score is its fraction of that anchor
+    assert int((cal > 1.0 + 1e-12).sum()) == 5 and cal == pytest.approx(scores / gamma, rel=1e-12)
+
+
+def test_max_scale_is_the_ratio_to_the_maximum() -> None:
+    scores = np.random.default_rng(1).gamma(2.0, 0.1, 46)
+    u, gamma = scale_of(scores, "max")
     assert u == 0.0 and gamma == pytest.approx(scores.max(), rel=1e-12)
     cal = calibrated(scores, u, gamma)
     assert cal.max() == pytest.approx(1.0) and cal == pytest.approx(scores / scores.max(), rel=1e-12)
+
+
+def test_stream_refresh_on_the_q90_scale_keeps_zero_and_anchors_at_1_28_sigma() -> None:
+    scores = np.random.default_rng(2).normal(0.2, 0.01, 400)
+    u, gamma = stream_scale_of(scores, "q90")
+    assert u == 0.0  # sigma of 0.01 with 400 samples is known to ~10%
+    assert gamma == pytest.approx(0.2 + STREAM_ANCHOR_Z["q90"] * 0.01, abs=0.003)
+    assert STREAM_ANCHOR_Z["q90"] == pytest.approx(1.2816, abs=1e-4)  # Phi^-1(0.9)
 
 
 def test_median_and_maximum_scale_puts_the_median_at_zero() -> None:
@@ -311,6 +330,24 @@ def test_every_image_enters_the_bank_up_to_the_cap(model: InspectionModel) -> No
     assert rows_of(reg.bank.features[0], feats[0]) == set(range(10))
 
 
+def test_cards_without_a_normalisation_read_as_max_and_registration_follows_the_card() -> None:
+    """A card's threshold is a number on its normalisation's scale: a card written before the
+    field existed was placed on ``max``, and registering against it must measure ``max``."""
+    old = ModelConfig.from_dict({"score": {"scoring": "distance", "calibration": "bank", "threshold": 1.1}})
+    assert old.score.normalisation == "max"
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        ModelConfig.from_dict({"score": {"normalisation": "mean-max"}})
+    imgs = images(10)
+    for method in ("max", "q90"):
+        torch.manual_seed(0)
+        cfg = tiny_config(scoring="distance")
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, normalisation=method))
+        model = InspectionModel(cfg).eval()
+        reg = register_features(model, "valve-a", extract(model, np.stack([im.pixels for im in imgs])), 8)
+        assert reg.normal.method == method and reg.normal.count == 10
+        assert (reg.normal.u, reg.normal.gamma) == pytest.approx(scale_of(reg.normal.registration, method), rel=1e-12)
+
+
 def test_only_the_shots_fall_back_to_leave_one_out_and_say_so(model: InspectionModel) -> None:
     reg = register_product(model, SIGNATURE, "m0", "p", images(4), bank_images=4)
     assert reg.meta.normal["scored"] == "leave_one_out" and reg.meta.normal["count"] == 4
@@ -390,10 +427,10 @@ def test_stream_statistics_hold_with_five_percent_defects_in_the_sample() -> Non
     calib.adopt(stats(scores=(0.19, 0.2, 0.21)))  # thin: learns from every frame
     feed(calib, "valve-a", stream)
     learned = calib.current("valve-a")
-    spread = Z_MAX_50 * 0.02  # the good parts' anchor above their median
+    spread = STREAM_ANCHOR_Z[DEFAULT_METHOD] * 0.02  # the good parts' anchor above their median
     true_gamma = 0.2 + spread
-    assert learned.source == "stream" and learned.method == DEFAULT_METHOD == "max"
+    assert learned.source == "stream" and learned.method == DEFAULT_METHOD
     assert learned.u == 0.0  # the ratio scale keeps its zero
     assert abs(learned.gamma - true_gamma) < 0.15 * spread
-    naive = scale_of(stream)[1]
-    assert naive - true_gamma > 0.5 * spread  # what the plain statistic would have learned
+    naive = scale_of(stream, "max")[1]
+    assert naive > 0.4  # the sample's maximum is a defect's score

@@ -237,7 +237,9 @@ def test_a_defect_burst_of_real_frames_does_not_move_the_threshold(tmp_path: Pat
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=128))  # 4x faster, same features
     model = InspectionModel(cfg).eval()
     load_backbone_weights(model.backbone, require_real(REAL_WEIGHTS))
-    card = save_artifact(model, tmp_path / "model", "0" * 64, training={"thresholds": {"bank": 1.0}})
+    # 1.25: about where the trainer places the line on the q90 scale (README, "The score scale");
+    # at 1.0 a tenth of the good frames fail by construction, and that reads as a fail-rate jump
+    card = save_artifact(model, tmp_path / "model", "0" * 64, training={"thresholds": {"bank": 1.25}})
     goods = sorted((root / "train" / "good").iterdir())
     images = read_shots(goods[:30], 128)
     reg = register_product(model, card.signature, card.model_id, "ball_screw", images, bank_images=4,

@@ -240,3 +240,12 @@ def test_threshold_draws_never_score_a_registered_image(scoring: str, monkeypatc
     thresholds = calibrate.thresholds(out, 0.01, "class_median")
     held = ~out["in_fit"]  # the CADA head's threshold comes from images it was not fitted on
     assert thresholds["cada"] == pytest.approx(calibrate.place_threshold(out["cada"][held], out["class"][held], 0.01, "class_median"))
+
+
+def test_cli_offers_every_normalisation_the_banks_know() -> None:
+    from inspector.banks.normal import DEFAULT_METHOD, METHODS
+    from inspector.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    choices = next(a.choices for a in sub.choices["train"]._actions if a.dest == "normalisation")
+    assert sorted(choices) == sorted(METHODS) and choices[0] == DEFAULT_METHOD  # listed without importing numpy

@@ -22,7 +22,7 @@ from ..decode import DecodeError, decode_file, resize_square
 from ..model import InspectionModel
 from ..model.bank import (BankTensors, Coreset, ProductBank, build_fold_banks, describe_coreset, greedy_k_center,
                           prototype_of, stack_banks)
-from .normal import DEFAULT_METHOD, MIN_SPREAD_FRACTION, NormalStats, sample_is_degenerate, spread_is_floored
+from .normal import MIN_SPREAD_FRACTION, NormalStats, sample_is_degenerate, spread_is_floored
 from .record import BankError, BankMeta, check_name, content_digest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -194,20 +194,21 @@ class RegisteredFeatures:
 
 
 def register_features(model: InspectionModel, product: str, feats: Sequence[torch.Tensor], bank_images: int,
-                      coreset: Coreset = None, seed: int = 0, method: str = DEFAULT_METHOD) -> RegisteredFeatures:
+                      coreset: Coreset = None, seed: int = 0, method: str | None = None) -> RegisteredFeatures:
     """Registration from backbone features: what ``inspector bank add``, the trainer's threshold and
     the evaluation all do with a product's good images, so their numbers are the served ones.
 
     Up to ``bank_images`` images (the most diverse when more are offered) form the bank, capped at
     ``coreset`` vectors per level; the normal statistics come from every image's cross-scored
-    raw score (``cross_scores``).
+    raw score (``cross_scores``), normalised by ``method`` (default: the card's
+    ``score.normalisation``, the scale its line threshold was placed on).
 
     Args:
         feats: per level ``(N, C, H, W)`` features of the N >= 2 good images.
     """
     keep = pick_diverse(feats[-1], bank_images, seed)
     bank, scores, how = cross_scores(model, feats, keep, coreset, seed)
-    normal = NormalStats.from_registration(product, scores.tolist(), method)
+    normal = NormalStats.from_registration(product, scores.tolist(), method or model.cfg.score.normalisation)
     return RegisteredFeatures(bank.with_stats(normal.u, normal.gamma), normal, keep, how)
 
 
@@ -221,7 +222,7 @@ def register_product(
     coreset: Coreset = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    method: str = DEFAULT_METHOD,
+    method: str | None = None,
     min_images: int | None = None,
 ) -> Registration:
     """Build ``product``'s bank and normal statistics from its good ``images``.
@@ -237,7 +238,7 @@ def register_product(
         signature: the model's backbone signature, stored so a worker can refuse a mismatch.
         model_id: the artifact that measured the statistics.
         bank_images: most images in the bank.
-        method: the normalisation (``inspector.banks.normal.METHODS``).
+        method: the normalisation (``inspector.banks.normal.METHODS``; default the card's).
         min_images: fewest distinct images accepted (default ``bank_images``; at least 2).
     """
     check_name("product", product)

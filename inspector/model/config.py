@@ -82,6 +82,10 @@ class ScoreConfig:
     scoring: str = "distance"
     top_fraction: float = 0.01  # image score = mean of the top 1% calibrated pixels (CADA)
     calibration: str = "bank"
+    # How each product's (u, gamma) come from its good images' cross-scored raw scores
+    # (``inspector.banks.normal.METHODS``); the line threshold is a number on that scale, so
+    # registration uses the card's normalisation, never a code default.
+    normalisation: str = "q90"
     threshold: float = 1.0
     # Cosine of mean-pooled level-3 prototypes. With ImageNet resnet18 features, different
     # products still reach 0.60-0.89 (ReLU features are all positive) and a product's own frames
@@ -97,6 +101,10 @@ class ScoreConfig:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        from ..banks.normal import METHODS  # here: the banks package imports the model at load time
+
+        if self.normalisation not in METHODS:
+            raise ValueError(f"normalisation must be one of {METHODS}, got {self.normalisation!r}")
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,18 @@ class ModelConfig:
         Cards written before ``bank.images`` existed served banks of exactly ``shots`` images.
         Cards written before ``flow.constraintor`` existed were all fitted with the conv
         constraintor, so a card without the field reads as ``"conv"``, not as today's default.
+        Cards written before ``score.normalisation`` existed placed their threshold on the
+        ``max`` scale, and read as ``"max"``.
         """
         flow = data.get("flow")
         if isinstance(flow, dict) and "constraintor" not in flow:
             data = {**data, "flow": {**flow, "constraintor": "conv"}}
         score = data.get("score")
         if isinstance(score, dict) and "scoring" not in score:  # cards from before the field served their flows
-            data = {**data, "score": {**score, "scoring": "flow"}}
+            score = {**score, "scoring": "flow"}
+            data = {**data, "score": score}
+        if isinstance(score, dict) and "normalisation" not in score:  # their thresholds are on the max scale
+            data = {**data, "score": {**score, "normalisation": "max"}}
         bank = data.get("bank")
         if isinstance(bank, dict) and "images" not in bank:  # cards from before the field: a bank of k shots, uncapped
             data = {**data, "bank": {"coreset": None, **bank, "images": bank.get("shots", 4)}}
