@@ -195,9 +195,6 @@ def _refuse_over_capacity(over, capacity, card_images: int) -> None:
                         + ",".join(map(str, capacity)))
 
 
-FEEDBACK_TRIES = 3  # compare-and-set retries when a worker writes the statistics at the same moment
-
-
 def _archived_frames(args) -> list:
     """The archived model inputs of ``--archived`` frame ids, each checked to be this product's."""
     from .archive import FRAME_FILE, find_entry
@@ -225,7 +222,8 @@ def _feedback(args, cfg, store) -> int:
     import numpy as np
 
     from .banks import BankError, decode_bank
-    from .banks.normal import NormalStats, calibrated
+    from .banks.feedback import confirm_good
+    from .banks.normal import calibrated
     from .banks.register import extract, raw_scores_against, read_shots
 
     model, card = _load_model(cfg)
@@ -239,14 +237,7 @@ def _feedback(args, cfg, store) -> int:
     bank, meta = decode_bank(store.blob(args.line, args.product, meta.version), card.signature, model.channels)
     meta = meta.with_version(store.state(args.line).products.get(args.product, meta.version))
     raw = raw_scores_against(model, extract(model, np.stack([im.pixels for im in images])), bank)
-    for _ in range(FEEDBACK_TRIES):
-        stored = store.normal(args.line, args.product)
-        current = stored if stored is not None and stored.bank_version == meta.version else NormalStats.from_meta(meta)
-        new = current.with_feedback(raw.tolist())
-        if store.put_normal(args.line, new, expect_revision=stored.revision if stored else 0, notify=True):
-            break
-    else:
-        raise BankError("busy", f"{args.product}'s statistics kept changing while writing; try again")
+    current, new = confirm_good(store, args.line, meta, raw.tolist())
     print(f"feedback for {args.product} on line {args.line}: {len(images)} confirmed-good images; statistics from "
           f"{new.count} scores (u {current.u:.4f} -> {new.u:.4f}, gamma {current.gamma:.4f} -> {new.gamma:.4f}); "
           f"workers serve them within one bank poll")

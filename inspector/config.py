@@ -62,6 +62,8 @@ DEFAULT_HEARTBEAT_TTL_S = 10  # the heartbeat key expires this long after the wo
 
 DEFAULT_ARCHIVE_MAX_MB = 1024.0  # failed frames at 256 px take ~20-40 KB each: tens of thousands fit
 DEFAULT_ARCHIVE_MAX_AGE_DAYS = 7.0
+DEFAULT_LIVE_RECENT_FAILED = 12  # failed frames the live page shows (about 3 MB of model inputs at 256 px)
+DEFAULT_LIVE_WINDOW_MIN = 15  # minutes of per-product counts on the live page
 DEFAULT_ARCHIVE_QUEUE = 64  # entries waiting for the disk; beyond, entries (never results) are lost
 
 DEFAULT_POLL_INTERVAL_S = 1.0  # bank epoch poll; pub/sub nudges make most changes faster
@@ -233,6 +235,17 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class LiveConfig:
+    """The live line page on the HTTP server (``inspector.live``): what it keeps, and whether its
+    "this part is good" action may change a product's statistics (off: whoever reaches the HTTP
+    bind could otherwise confirm parts)."""
+
+    recent_failed: int = _opt(DEFAULT_LIVE_RECENT_FAILED, _positive)
+    window_min: int = _opt(DEFAULT_LIVE_WINDOW_MIN, _positive)
+    feedback: bool = _opt(False)
+
+
+@dataclass(frozen=True)
 class BankConfig:
     """Where reference banks live (Redis or a local ``file://`` store) and how they are followed."""
 
@@ -297,6 +310,7 @@ class WorkerConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     banks: BankConfig = field(default_factory=BankConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -309,6 +323,7 @@ STAGES: dict[str, type] = {
     "publish": PublishConfig,
     "banks": BankConfig,
     "archive": ArchiveConfig,
+    "live": LiveConfig,
     "calibration": CalibrationConfig,
     "http": HttpConfig,
     "log": LogConfig,

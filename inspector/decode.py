@@ -352,3 +352,22 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     _to_image(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+OVERLAY_FULL = 2.0  # calibrated value drawn fully red: twice the product's upper anchor, far past its good tail
+OVERLAY_ALPHA = 0.6
+
+
+def heat_overlay(image: np.ndarray, calibrated: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8: ``image`` turned red where its calibrated map is high (0 none,
+    ``OVERLAY_FULL`` and above at ``OVERLAY_ALPHA``); a map of another size is resized to the image."""
+    rgb = np.asarray(image, dtype=np.float32)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    heat = np.nan_to_num(np.asarray(calibrated, dtype=np.float32), nan=0.0, posinf=OVERLAY_FULL)
+    if heat.shape != rgb.shape[:2]:
+        heat = np.asarray(Image.fromarray(heat).resize((rgb.shape[1], rgb.shape[0]), Image.BILINEAR))
+    level = np.clip(heat / OVERLAY_FULL, 0.0, 1.0)[..., None]
+    red = np.zeros_like(rgb)
+    red[..., 0] = 255
+    return (rgb * (1 - OVERLAY_ALPHA * level) + red * OVERLAY_ALPHA * level).astype(np.uint8)

@@ -370,7 +370,7 @@ def _write_overlays(out: Path, stream, results) -> None:
     from PIL import Image
 
     from .banks.register import to_model_input
-    from .decode import decode_heatmap
+    from .decode import decode_heatmap, heat_overlay
 
     folder = out / "heatmaps"
     folder.mkdir(exist_ok=True)
@@ -386,12 +386,8 @@ def _write_overlays(out: Path, stream, results) -> None:
             continue
         kept[key] = kept.get(key, 0) + 1
         image = to_model_input(Path(item["path"]).read_bytes(), DEMO_SIZE).astype(np.float32)
-        heat = decode_heatmap(png, r.heatmap.scale)
-        level = np.clip(heat / 2.0, 0.0, 1.0)[..., None]  # calibrated 0 (normal) .. 2 (well past the good parts' tail)
-        red = np.zeros_like(image)
-        red[..., 0] = 255
-        overlay = image * (1 - 0.6 * level) + red * 0.6 * level
-        pair = np.concatenate([image, overlay], axis=1).astype(np.uint8)
+        overlay = heat_overlay(image, decode_heatmap(png, r.heatmap.scale))
+        pair = np.concatenate([image.astype(np.uint8), overlay], axis=1)
         name = f"{item['frame_id']}.png"
         Image.fromarray(pair).save(folder / name)
         cards.append((name, item, r))

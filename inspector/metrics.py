@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -36,8 +36,12 @@ JOIN_TIMEOUT_S = 5.0
 NOT_READY_REASON = "starting"
 
 HTTP_OK, HTTP_NOT_FOUND, HTTP_NOT_ALLOWED, HTTP_UNAVAILABLE = 200, 404, 405, 503
+HTTP_BAD_REQUEST, HTTP_TOO_LARGE = 400, 413
 TEXT_PLAIN = "text/plain; charset=utf-8"
+TEXT_HTML = "text/html; charset=utf-8"
+IMAGE_PNG = "image/png"
 APPLICATION_JSON = "application/json"
+FRAME_ROUTE = "/live/frames/"
 
 
 class WorkerMetrics:
@@ -216,6 +220,7 @@ class HealthServer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._log = get_logger(__name__)
+        self.live: Any = None  # an inspector.live.LiveState once the worker has one: serves the page
 
     @property
     def port(self) -> int:
@@ -305,13 +310,62 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             status, text = health.readiness()
             self._reply(status, text.encode(), APPLICATION_JSON)
+        elif health.live is not None and path in ("/", "/live"):
+            from .live_page import PAGE
+
+            self._reply(HTTP_OK, PAGE.encode(), TEXT_HTML)
+        elif health.live is not None and path == "/live/state.json":
+            self._reply(HTTP_OK, json.dumps(health.live.state()).encode(), APPLICATION_JSON)
+        elif health.live is not None and path.startswith(FRAME_ROUTE) and path.endswith(".png"):
+            frame_id, _, name = path[len(FRAME_ROUTE):].rpartition("/")
+            png = health.live.image(frame_id, name[: -len(".png")]) if frame_id else None
+            if png is None:
+                self._reply(HTTP_NOT_FOUND, b"no such frame on the page (only the recent failed ones are kept)\n",
+                            TEXT_PLAIN)
+            else:
+                self._reply(HTTP_OK, png, IMAGE_PNG)
         else:
             self._reply(HTTP_NOT_FOUND, b"not found\n", TEXT_PLAIN)
+
+    def do_POST(self) -> None:
+        live = self.server.health.live
+        if live is None or urlsplit(self.path).path != "/live/feedback":
+            self._not_allowed()
+            return
+        from .live import MAX_FEEDBACK_BODY, FeedbackError
+
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._json(HTTP_BAD_REQUEST, {"error": "a feedback request needs a Content-Length"})
+            return
+        if not 0 < length <= MAX_FEEDBACK_BODY:
+            self._json(HTTP_TOO_LARGE if length > 0 else HTTP_BAD_REQUEST,
+                       {"error": f"a feedback request is a JSON object of at most {MAX_FEEDBACK_BODY} bytes"})
+            return
+        try:
+            body = json.loads(self.rfile.read(length))
+            frame_id = body["frame_id"] if isinstance(body, dict) else None
+            if not isinstance(frame_id, str) or not frame_id:
+                raise ValueError("frame_id")
+        except (ValueError, KeyError, UnicodeDecodeError):
+            self._json(HTTP_BAD_REQUEST, {"error": 'send {"frame_id": "<id of a failed frame on the page>"}'})
+            return
+        try:
+            self._json(HTTP_OK, live.feedback(frame_id))
+        except FeedbackError as err:
+            self._json(err.status, {"error": str(err)})
+        except Exception as err:  # a store outage: say so, keep serving
+            self.server.health._log.warning("live_feedback_failed", frame_id=frame_id, error=repr(err))
+            self._json(HTTP_UNAVAILABLE, {"error": f"feedback not recorded: {err}"})
+
+    def _json(self, status: int, data: Mapping[str, Any]) -> None:
+        self._reply(status, json.dumps(data).encode(), APPLICATION_JSON)
 
     def _not_allowed(self) -> None:
         self._reply(HTTP_NOT_ALLOWED, b"method not allowed\n", TEXT_PLAIN, allow="GET")
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
 
     def _reply(self, status: int, body: bytes, content_type: str, allow: str | None = None) -> None:
         self.send_response(status)

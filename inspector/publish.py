@@ -29,6 +29,7 @@ from .wire import FAIL, HeatmapInfo, Latency, Result
 
 if TYPE_CHECKING:
     from .archive import Archive
+    from .live import LiveState
 
 STREAM_BATCH = 256  # results per pipelined XADD round trip
 STREAM_IDLE_S = 0.05  # the stream thread re-checks its buffer this often when idle
@@ -44,7 +45,9 @@ class Outgoing:
     calibrated: np.ndarray | None = None
     recv_s: float = 0.0
     ready_s: float = 0.0  # monotonic time the engine finished with it
-    pixels: np.ndarray | None = None  # the model's input, for the failed-frame archive
+    pixels: np.ndarray | None = None  # the model's input, for the failed-frame archive and the live page
+    raw_score: float | None = None  # against the product's bank, for the live page's feedback
+    bank_version: int | None = None  # the product's bank version that raw score belongs to
 
 
 class Publisher:
@@ -61,8 +64,10 @@ class Publisher:
         stream: "StreamWriter | None" = None,
         configure: Callable[[zmq.Socket], None] | None = None,
         archive: "Archive | None" = None,
+        live: "LiveState | None" = None,
     ) -> None:
         self.archive = archive
+        self.live = live
         self.heatmaps = heatmaps
         self.scale = heatmap_scale
         self.metrics = metrics
@@ -140,6 +145,11 @@ class Publisher:
                                     dataclasses.asdict(lat))
         if self.archive is not None:  # after the result is out: the archive never delays or costs one
             self.archive.offer(result, item.pixels, item.calibrated, png)
+        if self.live is not None:
+            try:
+                self.live.observe(result, item.pixels, item.calibrated, item.raw_score, item.bank_version)
+            except Exception as err:  # the page is optional: its failure never costs a result
+                self._log.error("live_page_failed", frame_id=result.frame_id, error=repr(err))
 
 
 class StreamWriter:

@@ -46,6 +46,7 @@ from .wire import (DEADLINE_EXCEEDED, DECODE_FAILED, DROPPED, ENGINE_ERROR, ERRO
 
 if TYPE_CHECKING:
     from .archive import Archive
+    from .live import LiveState
 
 SECONDS_PER_DAY = 86_400
 LOOP_POLL_S = 0.25  # the loop wakes this often without frames: watchdog pings and stop checks
@@ -146,9 +147,10 @@ class Worker:
 
         server_side = curve_configurer(cfg.ingest, self.context)
         self.archive = self._archive()
+        self.live = self._live()
         self.publisher = Publisher(self.context, cfg.publish.bind, cfg.publish.sndhwm, cfg.publish.heatmaps,
                                    cfg.publish.heatmap_scale, self.metrics, self.stream, server_side,
-                                   self.archive).start()
+                                   self.archive, self.live).start()
         from .ingest import Ingest
 
         self.ingest = Ingest(self.context, cfg.ingest, self.queue, self.pool, self.engine.input_size,
@@ -176,6 +178,35 @@ class Worker:
                           written=self.metrics.archive_written).start()
         self.log.info("archive_started", dir=a.dir, entries=archive.entries, mb=round(archive.nbytes / MIB, 1))
         return archive
+
+    def _live(self) -> "LiveState | None":
+        """The live page's state, when the HTTP server runs (it serves the page)."""
+        if self.health is None:
+            return None
+        from .live import LiveState
+
+        lv = self.cfg.live
+        live = LiveState(lv.recent_failed, lv.window_min, self._page_status, self._confirm_good if lv.feedback else None)
+        self.health.live = live
+        return live
+
+    def _page_status(self) -> dict:
+        return {**self._heartbeat(), "threshold": self.engine.threshold}
+
+    def _confirm_good(self, product: str, raw_score: float, bank_version: int) -> dict:
+        """The live page's "this part is good": the frame's raw score joins the product's statistics."""
+        from .banks.feedback import confirm_good
+        from .live import FeedbackError
+
+        snap = self.watcher.snapshot
+        if snap.versions.get(product) != bank_version:
+            raise FeedbackError(409, f"{product} was registered again (or removed) since this frame was judged: "
+                                     "its score belongs to another bank")
+        before, after = confirm_good(self.store, self.cfg.line, snap.metas[product], [raw_score])
+        self.log.info("live_feedback", product=product, count=after.count, u=round(after.u, 6),
+                      gamma=round(after.gamma, 6), revision=after.revision)
+        return {"count": after.count, "before": {"u": before.u, "gamma": before.gamma},
+                "after": {"u": after.u, "gamma": after.gamma}}
 
     def _heartbeat(self) -> dict:
         snap = self.watcher.snapshot
@@ -297,7 +328,8 @@ class Worker:
             lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
             result = self._result(job, s.verdict, s.reason, snapshot, score=s.score, threshold=self.engine.threshold,
                                   product=s.product, route_similarity=s.route_similarity, latency_ms=lat)
-            self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done, pixels))
+            self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done, pixels, s.raw_score,
+                                           snapshot.versions.get(s.product) if s.product else None))
             self.processed += 1
 
     def _log_stats(self) -> None:

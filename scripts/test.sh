@@ -30,4 +30,12 @@ if [ -z "${INSPECTOR_TEST_REDIS_URL:-}" ]; then
     fi
 fi
 
+# The live page's test drives a real headless Chromium (tests/test_live.py); without one it skips
+# and says so. Get it with `apt-get install chromium` (about 20 s); done here when run as root.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing chromium for the live page's browser test"
+    timeout 300 apt-get install -y -q chromium >/dev/null 2>&1 \
+        || echo "[test] could not install chromium: the browser test will skip" >&2
+fi
+
 "$VENV/bin/python" -m pytest "$@"
