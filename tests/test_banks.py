@@ -64,6 +64,7 @@ class CountedWakes:
         monkeypatch.setattr(store, "subscribe", Sub)
 
         self.swaps: list[tuple[int, tuple[str, ...]]] = []  # (wakes so far, products) per swap
+        self._swapped = threading.Condition()
 
     def now(self) -> int:
         with self._lock:
@@ -72,7 +73,16 @@ class CountedWakes:
     def on_event(self, event: str, **kv: object) -> None:
         """The watcher's ``on_event``: notes how many wakes each swap came after."""
         if event == "bank_swapped":
-            self.swaps.append((self.now(), tuple(kv["products"])))
+            with self._swapped:
+                self.swaps.append((self.now(), tuple(kv["products"])))
+                self._swapped.notify_all()
+
+    def swap_of(self, products: tuple[str, ...], timeout: float) -> int | None:
+        """Wakes before the swap to ``products``. The watcher publishes a snapshot before it
+        reports the swap, so a test that saw the snapshot waits here for the report."""
+        with self._swapped:
+            self._swapped.wait_for(lambda: any(p == products for _, p in self.swaps), timeout)
+            return next((n for n, p in self.swaps if p == products), None)
 
 
 def seen_within_one_wake(w: BankWatcher, wakes: CountedWakes, after: int, products: tuple[str, ...]) -> BankSnapshot:
@@ -80,7 +90,8 @@ def seen_within_one_wake(w: BankWatcher, wakes: CountedWakes, after: int, produc
     ``after`` (the wake in progress when the change landed, then one more)."""
     snap = w.wait_for(lambda s: s.products == products, timeout=CHANGE_BOUND_S)
     assert snap is not None, "the change was never seen"
-    at = next(n for n, p in wakes.swaps if p == products)
+    at = wakes.swap_of(products, timeout=CHANGE_BOUND_S)
+    assert at is not None, "the snapshot was served but its swap never reported"
     assert at - after <= 2, f"seen only after {at - after} wakes"
     return snap
 
