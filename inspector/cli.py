@@ -118,6 +118,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-per-class", type=int, help="random test images kept per class (default: all)")
     p.add_argument("--stream-frames", type=int, default=200,
                    help="simulated stream per class, starting from k shots only (0: no stream)")
+    p.add_argument("--no-stream-growth", action="store_true",
+                   help="skip the simulated stream that also grows each bank from its frames")
     p.add_argument("--bank-images", type=int,
                    help="what-if: most images in a bank instead of the card's (the shipped threshold was set for the card's)")
     p.add_argument("--coreset", type=coreset_arg,
@@ -257,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model.cfg = dataclasses.replace(model.cfg, bank=dataclasses.replace(model.cfg.bank, **bank))
     cfg = EvalConfig(draws=args.draws, seed=args.seed, pixel_metrics=not args.no_pixel_metrics,
                      registration_images=args.registration_images, test_per_class=args.test_per_class,
-                     stream_frames=args.stream_frames)
+                     stream_frames=args.stream_frames, stream_growth=not args.no_stream_growth)
     report = evaluate(model, card, args.data, parse_classes(args.classes), cfg, args.out, progress=not args.quiet)
     print(format_summary(report))
     print(f"report: {Path(args.out) / 'report.json'}  plots: {Path(args.out) / 'index.html'}")
@@ -290,19 +292,26 @@ def format_line(line: dict | None) -> list[str]:
     out = ["", f"at the shipped threshold ({line['mode']} {line['threshold']:.3f}, set for FRR {line['frr_target']:.0%}; "
                f"registered from {line['registration_images']} good images):",
            f"{'class':<16}{'FRR':>7}{'escape':>8}{'own@FRR':>9}{'own@target':>11}{'LOCO FRR':>10}"
-           + (f"{'stream FRR':>12}{'stream esc':>12}" if "stream" in line else "")]
+           + (f"{'stream FRR':>12}{'stream esc':>12}" if "stream" in line else "")
+           + (f"{'grown FRR':>11}{'grown esc':>11}{'bank':>6}" if "stream_growth" in line else "")]
     for c, r in line["classes"].items():
         row = (f"{c:<16}{r['frr']:>7.3f}{r['escape']:>8.3f}{r['oracle_escape']:>9.3f}"
                f"{r.get('target_oracle_escape', float('nan')):>11.3f}{r.get('loco_frr', float('nan')):>10.3f}")
         if "stream" in line:
             st = line["stream"]["classes"][c]
             row += f"{st['frr']:>12.3f}{st['escape']:>12.3f}"
+        if "stream_growth" in line:
+            g = line["stream_growth"]["classes"][c]
+            row += f"{g['frr']:>11.3f}{g['escape']:>11.3f}{g['bank_images']:>6.0f}"
         out.append(row)
     if "stream" in line:
         st = line["stream"]
         out.append("own@FRR, own@target: escape of the class's own threshold at the same FRR and at the target FRR")
         out.append(f"stream: {st['frames']} frames per class ({st['defect_rate']:.0%} defects) starting from "
                    f"{st['start_images']} good images; rates on the test set after it")
+    if "stream_growth" in line:
+        out.append("grown: the same stream with the bank grown from the frames that qualify "
+                   "(inspector.banks.growth); bank: its images after the stream")
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from inspector.artifact import ModelCard
+from inspector.banks.growth import GrowthConfig
 from inspector.banks.normal import NormalStats, StreamConfig
 from inspector.banks.register import RegisteredFeatures, pick_diverse, raw_scores_against, register_features
 from inspector.model import InspectionModel, stack_banks
@@ -49,6 +50,7 @@ class EvalConfig:
     test_per_class: int | None = None  # random test images kept per class (None: all)
     stream_frames: int = 200  # simulated stream per class after registering from k shots only (0: none)
     stream_defect_rate: float = 0.05  # share of defective frames in the simulated stream
+    stream_growth: bool = True  # also simulate the stream with bank growth (inspector.banks.growth)
 
 
 @dataclass
@@ -326,10 +328,19 @@ def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray]
         good_raw = raw_scores_against(model, feats, ci.baseline)  # the stream starts from the k shots' bank
         raw = raw_scores_against(model, test.features, ci.baseline, np.flatnonzero(sel))
         defect_raw = raw[test.labels[sel] == 1]
-        plan = line_eval.stream_plan(good_raw, defect_raw, cfg.stream_frames, cfg.stream_defect_rate, rng)
+        order = line_eval.stream_order(len(good_raw), len(defect_raw), cfg.stream_frames, cfg.stream_defect_rate, rng)
+        plan = line_eval.plan_of(order, good_raw, defect_raw)
         out["stream"][name] = line_eval.simulate_stream(start, plan, threshold, StreamConfig(),
                                                         test.labels[sel], raw)
         out["stream"][name]["start_count"] = start.count
+        if cfg.stream_growth:
+            rows = np.flatnonzero(sel)
+            out.setdefault("growth", {})[name] = line_eval.simulate_growing_stream(
+                model, start, ci.baseline, len(ci.shot_features[0]), order, [f.float() for f in feats],
+                [f[rows[test.labels[sel] == 1]].float() for f in test.features], threshold, StreamConfig(),
+                GrowthConfig(max_images=model.cfg.bank.images), [f[rows].float() for f in test.features],
+                test.labels[sel], model.cfg.bank.coreset)
+            del out["growth"][name]["bank"]  # the report keeps numbers only
     return out
 
 
@@ -349,6 +360,15 @@ def summarise_line(lines: Sequence[dict[str, Any]], classes: Sequence[str], mode
                             for k in ("frr", "escape", "stream_frr")} for c in classes},
             "traces": {c: lines[0]["stream"][c]["trace"] for c in classes},
         }
+        if all("growth" in d for d in lines):
+            out["stream_growth"] = {
+                "frames": cfg.stream_frames, "defect_rate": cfg.stream_defect_rate,
+                "start_images": out["stream"]["start_images"],
+                "classes": {c: {k: _mean_std([d["growth"][c][k] for d in lines])["mean"]
+                                for k in ("frr", "escape", "stream_frr", "bank_images")} for c in classes},
+                "traces": {c: lines[0]["growth"][c]["trace"] for c in classes},
+                "growths": {c: lines[0]["growth"][c]["growths"] for c in classes},
+            }
     return out
 
 

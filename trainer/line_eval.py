@@ -15,7 +15,10 @@ each unseen (target) class this measures, at the shipped threshold on the calibr
   (leave-one-out statistics), then a few hundred frames in order, good ones from its
   ``train/good`` images not used for registration with defects mixed in, the statistics
   updated as the worker's ``StreamCalibrator`` would; the rates on the test set are followed
-  after every refresh.
+  after every refresh;
+* the same stream with bank growth (``simulate_growing_stream``): frames that qualify join the
+  product's bank as ``inspector.banks.growth`` decides, the bank is rebuilt when they would
+  double it, and every later frame and the test set are scored against the grown bank.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import torch
+
+from inspector.banks.growth import BankGrowth, GrowthConfig, grow_bank
 from inspector.banks.normal import NormalStats, StreamCalibrator, StreamConfig, calibrated
+from inspector.banks.register import raw_scores_against
+from inspector.model import InspectionModel
+from inspector.model.bank import Coreset, ProductBank
 
 from . import metrics
 
@@ -65,17 +74,39 @@ class StreamPlan:
     defect: np.ndarray  # (F,) bool
 
 
+@dataclass(frozen=True)
+class StreamOrder:
+    """A simulated stream as indices: frame ``i`` is good frame ``index[i]`` or, where
+    ``defect[i]``, defect ``index[i]`` (drawn with replacement)."""
+
+    index: np.ndarray  # (F,) int
+    defect: np.ndarray  # (F,) bool
+
+
+def stream_order(n_good: int, n_defects: int, frames: int, defect_rate: float,
+                 rng: np.random.Generator) -> StreamOrder:
+    """Interleave ``frames`` frames: defects at ``defect_rate`` (drawn with replacement), the rest good in order."""
+    n_defect = int(round(frames * defect_rate)) if n_defects else 0
+    n_good = min(frames - n_defect, n_good)
+    is_defect = np.zeros(n_good + n_defect, dtype=bool)
+    is_defect[rng.choice(len(is_defect), size=n_defect, replace=False)] = True
+    index = np.empty(len(is_defect), dtype=np.int64)
+    index[~is_defect] = np.arange(n_good)
+    index[is_defect] = rng.choice(n_defects, size=n_defect, replace=True)
+    return StreamOrder(index, is_defect)
+
+
+def plan_of(order: StreamOrder, good_raw: np.ndarray, defect_raw: np.ndarray) -> StreamPlan:
+    """The raw scores of ``order``'s frames."""
+    raw = np.where(order.defect, np.asarray(defect_raw)[np.where(order.defect, order.index, 0)] if len(defect_raw) else 0.0,
+                   np.asarray(good_raw)[np.where(order.defect, 0, order.index)])
+    return StreamPlan(raw.astype(np.float64), order.defect.copy())
+
+
 def stream_plan(good_raw: np.ndarray, defect_raw: np.ndarray, frames: int, defect_rate: float,
                 rng: np.random.Generator) -> StreamPlan:
     """Interleave ``frames`` frames: defects at ``defect_rate`` (drawn with replacement), the rest good in order."""
-    n_defect = int(round(frames * defect_rate)) if len(defect_raw) else 0
-    n_good = min(frames - n_defect, len(good_raw))
-    is_defect = np.zeros(n_good + n_defect, dtype=bool)
-    is_defect[rng.choice(len(is_defect), size=n_defect, replace=False)] = True
-    raw = np.empty(len(is_defect))
-    raw[~is_defect] = good_raw[:n_good]
-    raw[is_defect] = rng.choice(defect_raw, size=n_defect, replace=True)
-    return StreamPlan(raw, is_defect)
+    return plan_of(stream_order(len(good_raw), len(defect_raw), frames, defect_rate, rng), good_raw, defect_raw)
 
 
 def simulate_stream(start: NormalStats, plan: StreamPlan, threshold: float, cfg: StreamConfig,
@@ -107,3 +138,78 @@ def simulate_stream(start: NormalStats, plan: StreamPlan, threshold: float, cfg:
     last = point(len(plan.raw))
     return {"trace": trace, "frr": last["frr"], "escape": last["escape"], "frames": len(plan.raw),
             "stream_frr": rejected_good / max(1, int((~plan.defect).sum()))}
+
+
+def simulate_growing_stream(
+    model: InspectionModel, start: NormalStats, bank: ProductBank, images: int, order: StreamOrder,
+    good_feats: Sequence[torch.Tensor], defect_feats: Sequence[torch.Tensor], threshold: float,
+    cfg: StreamConfig, growth_cfg: GrowthConfig, test_feats: Sequence[torch.Tensor], test_labels: np.ndarray,
+    coreset: Coreset = None,
+) -> dict[str, Any]:
+    """``simulate_stream`` with bank growth: the product starts from ``bank`` (``images`` images)
+    and ``start``; frames are scored against the bank in service when they arrive.
+
+    Returns:
+        as ``simulate_stream``, plus ``bank_images`` (after the stream), ``growths``
+        (``{"frame", "images", "ratio"}`` per rebuild) and ``bank``, the bank in service at the end.
+    """
+    product = start.product
+    calib = StreamCalibrator(cfg)
+    calib.adopt(start)
+    growth = BankGrowth(growth_cfg)
+    growth.start(product, images)
+    current = {"bank": bank}
+
+    def frame_feats(rows: Sequence[int]) -> list[torch.Tensor]:
+        parts = []
+        for level_good, level_defect in zip(good_feats, defect_feats):
+            parts.append(torch.stack([level_defect[order.index[r]] if order.defect[r] else level_good[order.index[r]]
+                                      for r in rows]))
+        return parts
+
+    def test_raw() -> np.ndarray:
+        return raw_scores_against(model, test_feats, current["bank"])
+
+    scored: dict[int, float] = {}
+
+    def raw_of(i: int) -> float:
+        if i not in scored:  # score the next few frames against the bank in service now
+            rows = list(range(i, min(i + 8, len(order.index))))
+            for r, v in zip(rows, raw_scores_against(model, frame_feats(rows), current["bank"])):
+                scored[r] = float(v)
+        return scored[i]
+
+    test = {"raw": test_raw()}
+
+    def point(frames: int) -> dict[str, Any]:
+        s = calib.current(product)
+        r = metrics.rate_at_threshold(test_labels, calibrated(test["raw"], s.u, s.gamma), threshold)
+        return {"frames": frames, "frr": r["false_reject_rate"], "escape": r["escape_rate"],
+                "u": s.u, "gamma": s.gamma, "frozen": s.frozen, "bank_images": growth.images(product)}
+
+    trace, growths, rejected_good = [point(0)], [], 0
+    for i, defect in enumerate(order.defect):
+        raw = raw_of(i)
+        s = calib.current(product)
+        failed = bool(calibrated(raw, s.u, s.gamma) > threshold)
+        rejected_good += int(failed and not defect)
+        changed = calib.observe(product, raw, failed) is not None
+        s = calib.current(product)
+        growth.offer(product, i, raw, not failed, s.frozen, calib.recent(product))
+        if growth.due(product):
+            rows = [int(r) for r in growth.take(product)]
+            grown = grow_bank(model, current["bank"], growth.images(product), frame_feats(rows),
+                              [scored[r] for r in rows], s, coreset)
+            growth.grown(product, len(rows))
+            calib.rescale(product, grown.ratio, grown.stats)
+            current["bank"] = grown.bank
+            scored = {r: v for r, v in scored.items() if r <= i}  # later frames meet the grown bank
+            test["raw"] = test_raw()
+            growths.append({"frame": i + 1, "images": growth.images(product), "ratio": round(grown.ratio, 4)})
+            changed = True
+        if changed:
+            trace.append(point(i + 1))
+    last = point(len(order.index))
+    return {"trace": trace, "frr": last["frr"], "escape": last["escape"], "frames": len(order.index),
+            "stream_frr": rejected_good / max(1, int((~order.defect).sum())),
+            "bank_images": growth.images(product), "growths": growths, "bank": current["bank"]}

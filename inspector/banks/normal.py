@@ -402,6 +402,21 @@ class StreamCalibrator:
         kept = list(stats.stream[-self.cfg.window:])
         self._tracks[stats.product] = _Track(stats, kept, [False] * len(kept))
 
+    def recent(self, product: str) -> list[float]:
+        """The raw scores in ``product``'s window (what its next refresh is measured on)."""
+        track = self._tracks.get(product)
+        return list(track.scores) if track else []
+
+    def rescale(self, product: str, ratio: float, stats: NormalStats) -> None:
+        """The product's bank grew (``inspector.banks.growth``): serve ``stats`` (already on the
+        new bank's scale) and put the window's and pending scores on it by ``ratio``."""
+        track = self._tracks.get(product)
+        if track is None:
+            return
+        track.stats = stats
+        track.scores = [s * ratio for s in track.scores]
+        track.pending = [(s * ratio, f) for s, f in track.pending]
+
     def forget(self, keep: Sequence[str]) -> None:
         """Drop products no longer in service."""
         for product in set(self._tracks) - set(keep):
