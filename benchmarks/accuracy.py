@@ -53,9 +53,12 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
         calibration=CalibrationConfig(registration_images=args.registration_images, threshold_rule=args.threshold_rule),
     )
     t0 = time.perf_counter()
-    card = train(model_config(args), cfg, Path(args.runs) / f"split{name}" / "model", Path(args.runs) / f"split{name}" / "work",
-                 resume=not args.no_resume, progress=not args.quiet)
-    fit_seconds = time.perf_counter() - t0
+    artifact = Path(args.runs) / f"split{name}" / "model"
+    reused = args.reuse_model and (artifact / "card.json").is_file()
+    if not reused:
+        train(model_config(args), cfg, artifact, Path(args.runs) / f"split{name}" / "work",
+              resume=not args.no_resume, progress=not args.quiet)
+    fit_seconds = None if reused else round(time.perf_counter() - t0, 1)
     model, card = load_artifact(Path(args.runs) / f"split{name}" / "model")
     t1 = time.perf_counter()
     eval_cfg = EvalConfig(draws=args.draws, registration_images=args.registration_images,
@@ -63,7 +66,8 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
                           stream_growth=not args.no_stream_growth)
     report = evaluate(model, card, args.data, target, eval_cfg, out, progress=not args.quiet)
     (out / "card.json").write_text(card.to_json())
-    summary = {"split": name, "source": source, "target": target, "fit_seconds": round(fit_seconds, 1),
+    summary = {"split": name, "source": source, "target": target, "fit_seconds": fit_seconds,
+               "model_reused": bool(reused),
                "eval_seconds": round(time.perf_counter() - t1, 1), "table": format_summary(report),
                "bar": bar_keys(report, model.cfg.score)}
     summary["bar"]["threshold_rule"] = card.training.get("threshold_rule")
@@ -129,6 +133,9 @@ def main() -> int:
                    help="bank vectors kept per level, one cap or one per level (greedy k-center; 0 or all: every "
                         "position; default 1024,4096,4096, benchmarks/results/bank_caps_pixel.json)")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--reuse-model", action="store_true",
+                   help="evaluate the artifact an earlier run left under --runs instead of training it again "
+                        "(for changes to the evaluation only; the summary says so)")
     p.add_argument("--quiet", action="store_true")
     args = parse_checked(p)
     settings = {"steps": args.steps if args.scoring == "flow" else 0, "images_per_class": args.images_per_class,
@@ -168,7 +175,8 @@ def write_summary(out: Path, result: dict[str, object]) -> None:
             f"measured {r['date']} on {r['machine']['cpu']} ({r['machine']['threads']} threads), "
             f"torch {r['machine']['torch']}, commit {r['commit']}",
             f"model score {json.dumps(r['settings']['model']['score'])}",
-            f"fit {r['fit_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s (steps {r['settings']['steps']}, "
+            ("fit reused from an earlier run (--reuse-model)" if r.get("fit_seconds") is None
+             else f"fit {r['fit_seconds']:.0f} s") + f", evaluation {r['eval_seconds']:.0f} s (steps {r['settings']['steps']}, "
             f"registration images {r['settings'].get('registration_images')}, test images per class "
             f"{r['settings'].get('test_per_class') or 'all'}, draws {r['settings']['draws']}, bank coreset "
             f"{describe_coreset(r['settings']['model']['bank'].get('coreset'))} vectors per level)",
