@@ -295,6 +295,23 @@ def test_concurrent_writers_never_expose_a_half_written_bank(store, registered, 
     assert reads > 0
 
 
+def test_a_put_expecting_an_active_version_loses_to_a_newer_registration(store, registered) -> None:
+    """The compare-and-set a bank grown from the stream uses: it replaces only the version it
+    grew from, so an operator's registration in between wins and nothing of the grown one stays."""
+    blob, reg = registered["valve-a"]
+    with pytest.raises(BankError) as err:
+        store.put("3", blob, reg.meta, expect_active=1)  # nothing is registered yet
+    assert err.value.reason == "conflict" and store.state("3").products == {}
+    v1, _ = store.put("3", blob, reg.meta, expect_active=0)
+    v2, _ = store.put("3", blob, reg.meta)  # the operator registers again
+    state = store.state("3")
+    with pytest.raises(BankError, match="version 2, not 1"):
+        store.put("3", blob, reg.meta, expect_active=v1)
+    assert store.state("3") == state and store.versions("3", "valve-a") == [v1, v2]
+    v3, epoch = store.put("3", blob, reg.meta, expect_active=v2)
+    assert store.state("3").products == {"valve-a": v3} and epoch == state.epoch + 1
+
+
 # -- watcher (both stores) -----------------------------------------------------------------------
 def _watcher(store, model, **kw) -> BankWatcher:
     return BankWatcher(store, "3", SIGNATURE, model.channels, poll_interval=POLL_S, **kw).start()

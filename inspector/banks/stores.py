@@ -52,6 +52,15 @@ def _stored_revision(data: bytes | None) -> int:
         return UNREADABLE_REVISION
 
 
+def _check_active(product: str, active: object, expect: int | None) -> None:
+    """``BankError("conflict")`` unless ``expect`` is None or the active version (0: none)."""
+    if expect is None:
+        return
+    have = int(active) if active is not None else 0
+    if have != expect:
+        raise BankError("conflict", f"{product}'s active bank is version {have}, not {expect}: it changed meanwhile")
+
+
 class StoreError(RuntimeError):
     """The store cannot be reached or is in an unexpected state (retryable)."""
 
@@ -83,7 +92,7 @@ class BankStore(Protocol):
     url: str
 
     def state(self, line: str) -> LineState: ...
-    def put(self, line: str, blob: bytes, meta: BankMeta) -> tuple[int, int]: ...
+    def put(self, line: str, blob: bytes, meta: BankMeta, expect_active: int | None = None) -> tuple[int, int]: ...
     def blob(self, line: str, product: str, version: int | None = None) -> bytes: ...
     def meta(self, line: str, product: str, version: int | None = None) -> BankMeta: ...
     def versions(self, line: str, product: str) -> list[int]: ...
@@ -170,10 +179,18 @@ class FileStore:
         data = self._read_state(line)
         return LineState(int(data["epoch"]), {k: int(v) for k, v in data["products"].items()})
 
-    def put(self, line: str, blob: bytes, meta: BankMeta) -> tuple[int, int]:
+    def put(self, line: str, blob: bytes, meta: BankMeta, expect_active: int | None = None) -> tuple[int, int]:
+        """Store a new version of ``meta.product``'s bank and make it active; returns
+        ``(version, epoch)``.
+
+        ``expect_active`` makes it a compare-and-set: the write happens only while that version
+        (0: none) is the active one, otherwise ``BankError("conflict")`` and nothing changes
+        (a bank grown from the stream must not replace an operator's new registration).
+        """
         product = check_name("product", meta.product)
         with self._locked(line):
             data = self._read_state(line)
+            _check_active(product, data["products"].get(product), expect_active)
             version = int(data["seq"].get(product, 0)) + 1
             data["seq"][product] = version
             self._write_state(line, data)  # reserve the version before the slow write
@@ -183,6 +200,12 @@ class FileStore:
         _atomic_write(path.with_suffix(".meta"), meta.with_version(version).to_json().encode())
         with self._locked(line):
             data = self._read_state(line)
+            try:
+                _check_active(product, data["products"].get(product), expect_active)
+            except BankError:
+                for suffix in (".bank", ".meta"):
+                    path.with_suffix(suffix).unlink(missing_ok=True)
+                raise
             data["products"][product] = version
             data["epoch"] = int(data["epoch"]) + 1
             self._write_state(line, data)
@@ -380,21 +403,38 @@ class RedisStore:
             products, epoch = pipe.execute()
         return LineState(int(epoch or 0), {k.decode(): int(v) for k, v in products.items()})
 
-    def put(self, line: str, blob: bytes, meta: BankMeta) -> tuple[int, int]:
+    def put(self, line: str, blob: bytes, meta: BankMeta, expect_active: int | None = None) -> tuple[int, int]:
+        """See ``FileStore.put``; with ``expect_active`` the activation WATCHes the products hash."""
         product = check_name("product", meta.product)
         base = ("bank", product)
+        products = self.key(line, "products")
         with self._errors():
+            if expect_active is not None:
+                _check_active(product, self.client.hget(products, product), expect_active)
             version = int(self.client.incr(self.key(line, *base, "seq")))
             blob_key = self.key(line, *base, version)
             self.client.set(blob_key, bytes(blob))
             self.client.set(blob_key + ":meta", meta.with_version(version).to_json())
             self.client.zadd(self.key(line, *base, "versions"), {str(version): version})
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(self.key(line, "products"), product, version)
-            pipe.delete(self.key(line, "normal", product))  # a new registration starts afresh
-            pipe.incr(self.key(line, "epoch"))
-            pipe.publish(self.key(line, "changed"), f"put {product} {version}")
-            _, _, epoch, _ = pipe.execute()
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    if expect_active is not None:
+                        pipe.watch(products)
+                        _check_active(product, pipe.hget(products, product), expect_active)
+                        pipe.multi()
+                    pipe.hset(products, product, version)
+                    pipe.delete(self.key(line, "normal", product))  # a new registration starts afresh
+                    pipe.incr(self.key(line, "epoch"))
+                    pipe.publish(self.key(line, "changed"), f"put {product} {version}")
+                    _, _, epoch, _ = pipe.execute()
+                except (BankError, self._redis_mod.WatchError) as err:
+                    drop = self.client.pipeline(transaction=True)
+                    drop.delete(blob_key, blob_key + ":meta")
+                    drop.zrem(self.key(line, *base, "versions"), str(version))
+                    drop.execute()
+                    if isinstance(err, BankError):
+                        raise
+                    raise BankError("conflict", f"{product}'s active bank changed while writing version {version}") from err
             self._prune(line, product, version)
         return version, int(epoch)
 
