@@ -7,18 +7,32 @@ stream or feedback statistics). This stage feeds every routed frame's raw score 
 store off the hot path, compare-and-set, so a restart keeps what was learned and an operator's
 feedback is never overwritten by a stale worker.
 
+It also grows each product's bank from its own typical passed frames
+(``inspector.banks.growth``): when they would double the bank, a background thread rebuilds it
+and writes it to the store as a new version, compare-and-set on the version it grew from (an
+operator's registration in between wins), with its statistics on the grown bank's scale; the
+watcher then swaps it in like any bank change.
+
 Failure modes and what is done about each are in the README ("Self-calibration").
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
+from .banks.growth import BankGrowth, GrowthConfig, grow_bank
 from .banks.normal import NormalStats, StreamCalibrator, StreamConfig
+from .banks.record import BankError, BankMeta, content_digest, encode_bank
+from .banks.register import extract
 from .banks.stores import BankStore, StoreError
 from .banks.watcher import BankSnapshot
 from .config import CalibrationConfig
@@ -30,6 +44,14 @@ from .wire import ANOMALY
 def stream_config(cfg: CalibrationConfig) -> StreamConfig:
     """The line config's ``[calibration]`` as the calibrator's settings (validated there)."""
     return StreamConfig(cfg.stream, cfg.window, cfg.min_count, cfg.refresh_every, cfg.max_step, cfg.freeze_jump)
+
+
+def growth_config(cfg: CalibrationConfig, card_images: int) -> GrowthConfig:
+    """The line config's bank growth settings; a grown bank never exceeds the card's
+    ``bank.images`` (the engine's bank capacity is sized for it)."""
+    limit = min(cfg.grow_max_images or card_images, card_images)
+    return GrowthConfig(enabled=cfg.stream and cfg.grow_bank and limit >= 2, max_images=max(2, limit),
+                        below=cfg.grow_below, min_count=cfg.min_count)
 
 
 def _key(stats: NormalStats) -> tuple[int, int, str]:
@@ -47,8 +69,16 @@ class LineCalibration:
         log: a bound structlog logger.
     """
 
-    def __init__(self, cfg: CalibrationConfig, store: BankStore, line: str, metrics: WorkerMetrics, log: Any) -> None:
+    def __init__(self, cfg: CalibrationConfig, store: BankStore, line: str, metrics: WorkerMetrics, log: Any,
+                 model: Any = None) -> None:
         self.calibrator = StreamCalibrator(stream_config(cfg))
+        self.model = model  # the serving model's eager copy: extracts grown banks' features (None: no growth)
+        card_images = model.cfg.bank.images if model is not None else 0
+        self.growth = BankGrowth(growth_config(cfg, card_images) if model is not None
+                                 else GrowthConfig(enabled=False))
+        self._versions: dict[str, int] = {}  # bank version growth tracks, per product
+        self._growing: set[str] = set()  # products whose rebuild is in flight
+        self._grower = ThreadPoolExecutor(1, thread_name_prefix="bank-growth")
         self.store = store
         self.line = line
         self.metrics = metrics
@@ -70,6 +100,12 @@ class LineCalibration:
         """Adopt a new snapshot's records where they changed (re-registration, feedback)."""
         self._snapshot = snapshot
         self.calibrator.forget(snapshot.products)
+        for product in snapshot.products:  # a new version (registration or growth) starts growth over
+            version = snapshot.versions[product]
+            if self._versions.get(product) != version:
+                self._versions[product] = version
+                self.growth.start(product, int(snapshot.metas[product].shots))
+        self._versions = {p: v for p, v in self._versions.items() if p in snapshot.versions}
         with self._lock:
             for product, stats in snapshot.normals.items():
                 if self._seen.get(product) != _key(stats):
@@ -105,16 +141,20 @@ class LineCalibration:
         snap = self._snapshot
         return {p: s.summary() for p in (snap.products if snap else ()) if (s := self.current(p)) is not None}
 
-    def observe(self, snapshot: BankSnapshot, scored: Sequence[Scored]) -> None:
-        """Learn from one batch's engine outcomes (frames routed to a product only)."""
+    def observe(self, snapshot: BankSnapshot, scored: Sequence[Scored],
+                pixels: Sequence[np.ndarray] | None = None) -> None:
+        """Learn from one batch's engine outcomes (frames routed to a product only); with the
+        frames' model-input ``pixels``, typical passed ones may join their product's bank."""
         if snapshot is not self._snapshot:
             self._follow(snapshot)
         changed = False
-        for s in scored:
+        for i, s in enumerate(scored):
             if s.product is None or s.raw_score is None or s.reason not in (None, ANOMALY):
                 continue
             before = self.calibrator.current(s.product)
             new = self.calibrator.observe(s.product, s.raw_score, s.verdict == "fail")
+            if pixels is not None:
+                self._offer(snapshot, s, pixels[i])
             if new is None:
                 continue
             changed = True
@@ -127,6 +167,67 @@ class LineCalibration:
             self._writer.submit(self._persist, new)
         if changed:
             self._rebuild()
+
+    def _offer(self, snapshot: BankSnapshot, s: Scored, pixels: np.ndarray) -> None:
+        product = s.product
+        stats = self.calibrator.current(product)
+        with self._lock:
+            busy = product in self._growing
+        if busy or stats is None or snapshot.versions.get(product) != self._versions.get(product):
+            return
+        if not self.growth.offer(product, (pixels, float(s.raw_score)), float(s.raw_score), s.verdict == "pass",
+                                 stats.frozen, self.calibrator.recent(product)):
+            return
+        if not self.growth.due(product):
+            return
+        frames = self.growth.take(product)
+        current = replace(stats, stream=self.calibrator.recent(product))
+        with self._lock:
+            self._growing.add(product)
+        self.log.info("bank_growth_started", product=product, bank_version=snapshot.versions[product],
+                      images=self.growth.images(product), adding=len(frames))
+        self._grower.submit(self._grow, product, snapshot.versions[product], snapshot.banks[product],
+                            snapshot.metas[product], current, frames)
+
+    def _grow(self, product: str, version: int, bank: Any, meta: BankMeta, stats: NormalStats,
+              frames: list[tuple[np.ndarray, float]]) -> None:
+        """Rebuild ``product``'s bank with ``frames`` and write it (off the hot path)."""
+        t0 = time.perf_counter()
+        try:
+            pixels = np.stack([f[0] for f in frames])
+            feats = extract(self.model, pixels)
+            grown = grow_bank(self.model, bank, int(meta.shots), feats, [f[1] for f in frames], stats,
+                              self.model.cfg.bank.coreset)
+            digests = [hashlib.sha256(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixels]
+            normal = dict(meta.normal) if isinstance(meta.normal, dict) else {}
+            normal.update(u=grown.stats.u, gamma=grown.stats.gamma, scores=list(grown.stats.registration))
+            new_meta = BankMeta(
+                product=product, signature=meta.signature, shots=int(meta.shots) + len(frames),
+                images=[*meta.images, *({"name": f"stream-{d[:12]}", "sha256": d} for d in digests)],
+                levels=[list(f.shape) for f in grown.bank.features], u=grown.stats.u, gamma=grown.stats.gamma,
+                model_id=meta.model_id, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                content_sha256=content_digest(grown.bank), coreset=meta.coreset,
+                candidates=int(meta.candidates) + len(frames),
+                extra={**meta.extra, "grown_from": version, "grown_images": len(frames),
+                       "growth_ratio": round(grown.ratio, 6)},
+                normal=normal,
+            )
+            new_version, _ = self.store.put(self.line, encode_bank(grown.bank, new_meta), new_meta, expect_active=version)
+            self.store.put_normal(self.line, replace(grown.stats, bank_version=new_version, revision=1),
+                                  expect_revision=0, notify=True)
+        except BankError as err:
+            self.metrics.calibration_update(product, "growth_superseded")
+            self.log.info("bank_growth_superseded", product=product, bank_version=version, detail=err.detail)
+        except Exception as err:  # a failed rebuild costs the growth step, never a result
+            self.metrics.calibration_update(product, "growth_failed")
+            self.log.warning("bank_growth_failed", product=product, bank_version=version, error=repr(err))
+        else:
+            self.metrics.calibration_update(product, "grown")
+            self.log.info("bank_grown", product=product, from_version=version, version=new_version,
+                          images=new_meta.shots, ratio=round(grown.ratio, 4), seconds=round(time.perf_counter() - t0, 2))
+        finally:
+            with self._lock:
+                self._growing.discard(product)
 
     def _persist(self, stats: NormalStats) -> None:
         with self._lock:
@@ -144,5 +245,6 @@ class LineCalibration:
             self._stored[stats.product] = stats.revision
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish pending writes (the drain at shutdown keeps what was learned)."""
+        """Finish pending rebuilds and writes (the drain at shutdown keeps what was learned)."""
+        self._grower.shutdown(wait=True)
         self._writer.shutdown(wait=True)

@@ -115,7 +115,8 @@ class Worker:
         self.watcher.start(initial_timeout=b.poll_interval_s)
         from .calibration import LineCalibration
 
-        self.calibration = LineCalibration(cfg.calibration, self.store, cfg.line, self.metrics, self.log)
+        self.calibration = LineCalibration(cfg.calibration, self.store, cfg.line, self.metrics, self.log,
+                                           model=self.engine.model)
 
     def _bank_event(self, event: str, **fields: Any) -> None:
         if event == "bank_swapped":
@@ -323,7 +324,7 @@ class Worker:
         done = time.monotonic()
         infer_ms = round(1000 * (done - t0), 3)
         self.metrics.observe_batch(len(live))
-        self.calibration.observe(snapshot, scored)
+        self.calibration.observe(snapshot, scored, [p for _, p, _ in live])
         for (job, pixels, _), s in zip(live, scored):
             lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
             result = self._result(job, s.verdict, s.reason, snapshot, score=s.score, threshold=self.engine.threshold,

@@ -127,3 +127,171 @@ def test_a_stream_of_real_frames_grows_the_bank_and_lowers_good_scores() -> None
     # Tolerance: none on the median, which must drop; a few images may rise by the coreset cap.
     assert np.median(grown) < np.median(small), (np.median(grown), np.median(small))
     assert out["bank"].features[0].shape[0] <= model.cfg.bank.coreset[0]
+
+
+# -- in a running worker -------------------------------------------------------------------------
+def _grown_version(store, line: str, product: str, after: int, timeout: float) -> int:
+    """Wait (bounded) for ``product``'s active version to pass ``after``; 0 if it never did."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = store.state(line).products.get(product, 0)
+        if v > after:
+            return v
+        time.sleep(0.05)
+    return 0
+
+
+def test_a_running_worker_grows_a_bank_from_its_frames_and_serves_it(tmp_path) -> None:
+    """Real worker, real sockets, file store: a product registered from 4 images, then 40 of its
+    good frames. The bank doubles to 8 images from frames that passed below the median, written
+    as version 2 (grown from 1) with stream statistics on its scale; the worker swaps it in and
+    every frame still gets exactly one result."""
+    from inspector.banks import open_store
+
+    from .test_selfcal import LINE, RESULT_TIMEOUT_S, Line, config, product_images, stream
+
+    base, good = _registered(tmp_path)
+    ln = Line(config(base, **{"calibration.grow_bank": True}))
+    store = open_store(f"file://{base / 'banks'}")
+    try:
+        results = stream(ln, good[12:40], "s")
+        assert len({r.frame_id for r, _ in results}) == 28
+        version = _grown_version(store, LINE, "valve-a", 1, RESULT_TIMEOUT_S)
+        assert version >= 2, "the bank never grew"
+        meta = store.meta(LINE, "valve-a", 2)
+        assert meta.shots == 8 and meta.extra["grown_from"] == 1 and 0.2 <= meta.extra["growth_ratio"] <= 1.5
+        assert sum(im["name"].startswith("stream-") for im in meta.images) == 4
+        snap = ln.worker.watcher.wait_for(lambda s: s.versions.get("valve-a", 0) >= 2, timeout=RESULT_TIMEOUT_S)
+        assert snap is not None, "the worker never served the grown bank"
+        more = stream(ln, product_images(6, 1, 60), "t")  # served against the grown bank
+        assert all(r.product == "valve-a" and r.verdict in ("pass", "fail") for r, _ in more)
+    finally:
+        ln.close()
+    normal = store.normal(LINE, "valve-a")
+    active = store.state(LINE).products["valve-a"]
+    assert normal is None or normal.bank_version == active  # a record only for the version in service
+    store.close()
+
+
+def test_bank_growth_off_keeps_the_registered_bank(tmp_path) -> None:
+    from inspector.banks import open_store
+
+    from .test_selfcal import LINE, Line, config, stream
+
+    base, good = _registered(tmp_path)
+    ln = Line(config(base, **{"calibration.grow_bank": False}))
+    try:
+        stream(ln, good[12:40], "s")
+        assert ln.worker.calibration.current("valve-a").source == "stream"  # statistics still learn
+    finally:
+        ln.close()
+    store = open_store(f"file://{base / 'banks'}")
+    assert store.state(LINE).products == {"valve-a": 1} and store.versions(LINE, "valve-a") == [1]
+    store.close()
+
+
+def _registered(tmp_path):
+    """test_selfcal's tiny distance-scored line with valve-a registered from 4 of 12 images."""
+    from inspector.artifact import save_artifact
+    from inspector.banks import encode_bank, open_store
+    from inspector.banks.register import ShotImage, register_product
+
+    from .test_selfcal import LINE, product_images
+
+    torch.manual_seed(0)
+    model = InspectionModel(tiny_config(calibration="bank", scoring="distance")).eval()
+    card = save_artifact(model, tmp_path / "model", None, training={"thresholds": {"bank": 1.0}})
+    store = open_store(f"file://{tmp_path / 'banks'}")
+    good = product_images(40, 0, 60)
+    shots = [ShotImage(f"g{i}.png", f"{i:064d}", im) for i, im in enumerate(good[:12])]
+    reg = register_product(model, card.signature, card.model_id, "valve-a", shots, bank_images=4, min_images=4)
+    store.put(LINE, encode_bank(reg.bank, reg.meta), reg.meta)
+    store.close()
+    return tmp_path, good
+
+
+def test_a_registration_during_a_rebuild_wins(tmp_path) -> None:
+    """The rebuild grew from version 1; an operator registered version 2 meanwhile: the grown
+    bank is not written (compare-and-set), the statistics stay, and the miss is counted."""
+    import structlog
+
+    from inspector.banks import decode_bank, open_store
+    from inspector.calibration import LineCalibration
+    from inspector.config import CalibrationConfig
+    from inspector.metrics import WorkerMetrics
+
+    from .test_selfcal import LINE
+
+    base, good = _registered(tmp_path)
+    store = open_store(f"file://{base / 'banks'}")
+    blob = store.blob(LINE, "valve-a", 1)
+    meta = store.meta(LINE, "valve-a", 1)
+    bank, _ = decode_bank(blob)
+    store.put(LINE, blob, meta)  # the operator's registration: version 2
+    torch.manual_seed(0)
+    model = InspectionModel(tiny_config(calibration="bank", scoring="distance")).eval()
+    metrics = WorkerMetrics()
+    line = LineCalibration(CalibrationConfig(), store, LINE, metrics, structlog.get_logger(), model=model)
+    stats = NormalStats.from_meta(meta)
+    frames = [(im, 1.0) for im in good[20:24]]
+    line._grow("valve-a", 1, bank, meta, stats, frames)
+    line.close()
+    assert store.state(LINE).products == {"valve-a": 2} and store.versions(LINE, "valve-a") == [1, 2]
+    assert 'kind="growth_superseded",product="valve-a"' in metrics.render().decode()
+    store.close()
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_frames_grow_a_bank_that_scores_good_parts_lower(tmp_path) -> None:
+    """Real ball-screw frames through the served engine and the worker's calibration stage: from a
+    4-image registration, 60 good frames grow the bank (written as a new version, grown from the
+    first), and the grown bank scores 10 further good parts lower than the registered one."""
+    import dataclasses
+
+    import structlog
+
+    from inspector.artifact import save_artifact
+    from inspector.banks import decode_bank, encode_bank, open_store
+    from inspector.banks.register import read_shots, register_product
+    from inspector.banks.watcher import build_snapshot
+    from inspector.calibration import LineCalibration
+    from inspector.config import CalibrationConfig
+    from inspector.engine import Engine, EngineSettings, bank_capacity
+    from inspector.metrics import WorkerMetrics
+
+    root = require_real(REAL_DATA) / "ball_screw"
+    cfg = ModelConfig()
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=128))  # 4x faster, same features
+    model = InspectionModel(cfg).eval()
+    load_backbone_weights(model.backbone, require_real(REAL_WEIGHTS))
+    card = save_artifact(model, tmp_path / "model", "0" * 64, training={"thresholds": {"bank": 1.25}})
+    goods = sorted((root / "train" / "good").iterdir())
+    reg = register_product(model, card.signature, card.model_id, "ball_screw", read_shots(goods[:4], 128),
+                           bank_images=4, coreset=model.cfg.bank.coreset)
+    store = open_store(f"file://{tmp_path / 'banks'}")
+    version, _ = store.put("7", encode_bank(reg.bank, reg.meta), reg.meta)
+    snap = build_snapshot(1, {"ball_screw": (reg.bank, reg.meta.with_version(version))}, bank_capacity(model), 1)
+    engine = Engine(model, card, EngineSettings(device="cpu"))
+    line = LineCalibration(CalibrationConfig(min_count=10, refresh_every=5, window=40), store, "7", WorkerMetrics(),
+                           structlog.get_logger(), model=model)
+    frames = np.stack([s.pixels for s in read_shots(goods[4:64], 128)])
+    for i in range(0, len(frames), 5):
+        part = frames[i : i + 5]
+        scored = engine.infer(part, ["ball_screw"] * len(part), snap, maps=False, stats=line.stats_for(snap))
+        line.observe(snap, scored, list(part))
+    line.close()  # waits for the rebuild in flight
+    # The snapshot here is never swapped, so the rebuild grows version 1 once (4 -> 8 images).
+    assert store.state("7").products["ball_screw"] == 2, "the bank never grew"
+    grown, meta = decode_bank(store.blob("7", "ball_screw"))
+    assert meta.shots == 8 and meta.extra["grown_from"] == 1
+    stats = store.normal("7", "ball_screw")
+    assert stats is not None and stats.bank_version == 2 and stats.source == "stream"
+    held = extract(model, np.stack([s.pixels for s in read_shots(goods[64:74], 128)]))
+    before = raw_scores_against(model, held, reg.bank)
+    after = raw_scores_against(model, held, grown)
+    # No tolerance on the median: a superset of reference positions can only bring neighbours closer.
+    assert np.median(after) < np.median(before), (np.median(after), np.median(before))
+    store.close()

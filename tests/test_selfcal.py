@@ -27,7 +27,10 @@ from .conftest import REAL_DATA, REAL_WEIGHTS, free_port, require_real, tiny_con
 from .test_worker import RESULT_TIMEOUT_S, Line
 
 LINE = "7"
-SELFCAL = {"calibration.min_count": 10, "calibration.refresh_every": 5, "calibration.window": 20}
+# Bank growth is off here: these tests follow one bank version's statistics (tests/test_growth.py
+# covers growth in a running worker).
+SELFCAL = {"calibration.min_count": 10, "calibration.refresh_every": 5, "calibration.window": 20,
+           "calibration.grow_bank": False}
 
 
 def product_images(n: int, seed: int, level: int) -> list[np.ndarray]:
@@ -248,7 +251,7 @@ def test_a_defect_burst_of_real_frames_does_not_move_the_threshold(tmp_path: Pat
     version, _ = store.put(LINE, encode_bank(reg.bank, reg.meta), reg.meta)
     snap = build_snapshot(1, {"ball_screw": (reg.bank, reg.meta.with_version(version))}, bank_capacity(model), 1)
     engine = Engine(model, card, EngineSettings(device="cpu"))
-    calib_cfg = CalibrationConfig(min_count=10, refresh_every=5, window=40)
+    calib_cfg = CalibrationConfig(min_count=10, refresh_every=5, window=40, grow_bank=False)
     line = LineCalibration(calib_cfg, store, LINE, WorkerMetrics(), __import__("structlog").get_logger())
 
     def serve(paths) -> list:
