@@ -63,7 +63,7 @@ def run_split(name: str, args: argparse.Namespace) -> dict[str, object]:
     t1 = time.perf_counter()
     eval_cfg = EvalConfig(draws=args.draws, registration_images=args.registration_images,
                           test_per_class=args.test_per_class or None, stream_frames=args.stream_frames,
-                          stream_growth=not args.no_stream_growth)
+                          stream_growth_draws=args.stream_growth_draws)
     report = evaluate(model, card, args.data, target, eval_cfg, out, progress=not args.quiet)
     (out / "card.json").write_text(card.to_json())
     summary = {"split": name, "source": source, "target": target, "fit_seconds": fit_seconds,
@@ -97,8 +97,8 @@ def bar_keys(report: dict, score: ScoreConfig) -> dict[str, object]:
                          "classes": st["classes"]}
     if "stream_growth" in line:
         st = line["stream_growth"]
-        out["stream_growth"] = {"start_images": st["start_images"], "frames": st["frames"],
-                                "defect_rate": st["defect_rate"], "classes": st["classes"]}
+        out["stream_growth"] = {"start_images": st["start_images"], "frames": st["frames"], "draws": st["draws"],
+                                "defect_rate": st["defect_rate"], "classes": st["classes"], "without": st["without"]}
     return out
 
 
@@ -126,7 +126,8 @@ def main() -> int:
                    help="how the source classes' held-out good scores place the line threshold")
     p.add_argument("--test-per-class", type=int, default=200, help="random test images per class (0: all)")
     p.add_argument("--stream-frames", type=int, default=200, help="simulated stream per class (0: none)")
-    p.add_argument("--no-stream-growth", action="store_true", help="skip the stream with bank growth")
+    p.add_argument("--stream-growth-draws", type=int, default=1,
+                   help="draws that also simulate the stream with bank growth (0: none; about 4 min per split each)")
     p.add_argument("--bank-images", type=int, default=ModelConfig().bank.images,
                    help="most registration images in a product's bank (4: the bank of k shots only)")
     p.add_argument("--coreset", type=coreset_arg, default=ModelConfig().bank.coreset,

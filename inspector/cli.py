@@ -118,8 +118,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-per-class", type=int, help="random test images kept per class (default: all)")
     p.add_argument("--stream-frames", type=int, default=200,
                    help="simulated stream per class, starting from k shots only (0: no stream)")
-    p.add_argument("--no-stream-growth", action="store_true",
-                   help="skip the simulated stream that also grows each bank from its frames")
+    p.add_argument("--stream-growth-draws", type=int, default=1,
+                   help="draws whose simulated stream also grows each bank from its frames (0: none)")
     p.add_argument("--bank-images", type=int,
                    help="what-if: most images in a bank instead of the card's (the shipped threshold was set for the card's)")
     p.add_argument("--coreset", type=coreset_arg,
@@ -259,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model.cfg = dataclasses.replace(model.cfg, bank=dataclasses.replace(model.cfg.bank, **bank))
     cfg = EvalConfig(draws=args.draws, seed=args.seed, pixel_metrics=not args.no_pixel_metrics,
                      registration_images=args.registration_images, test_per_class=args.test_per_class,
-                     stream_frames=args.stream_frames, stream_growth=not args.no_stream_growth)
+                     stream_frames=args.stream_frames, stream_growth_draws=args.stream_growth_draws)
     report = evaluate(model, card, args.data, parse_classes(args.classes), cfg, args.out, progress=not args.quiet)
     print(format_summary(report))
     print(f"report: {Path(args.out) / 'report.json'}  plots: {Path(args.out) / 'index.html'}")
