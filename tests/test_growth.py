@@ -91,6 +91,17 @@ def test_the_calibrator_puts_its_window_on_the_grown_bank_scale() -> None:
     assert cal.recent("p") == pytest.approx([0.5, 0.55, 0.45, 0.6]) and cal.recent("q") == []
 
 
+def test_the_rates_after_a_stream_leave_out_the_defects_it_showed() -> None:
+    """Defects are drawn with replacement; every one drawn (and only those) is left out of the
+    post-stream test set, so one that joined a grown bank cannot count as an escape it taught."""
+    order = line_eval.stream_order(190, 12, 200, 0.05, np.random.default_rng(3))
+    keep = line_eval.held_out(order, 12)
+    shown = set(order.index[order.defect].tolist())
+    assert len(shown) >= 2 and keep.shape == (12,)  # 10 draws from 12: some repeat, at least 2 differ
+    assert set(np.flatnonzero(~keep).tolist()) == shown
+    assert line_eval.held_out(line_eval.stream_order(5, 0, 5, 0.05, np.random.default_rng(0)), 0).shape == (0,)
+
+
 @pytest.mark.slow
 def test_a_stream_of_real_frames_grows_the_bank_and_lowers_good_scores() -> None:
     """pcb from 4 good images, then 80 of its other good train images with 4 defects mixed in:

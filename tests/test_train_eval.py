@@ -85,6 +85,7 @@ def test_eval_reports_every_mode_and_the_mixed_pool(trained: tuple[Path, Path], 
     stream = line["stream"]
     assert stream["start_images"] == 4 and stream["frames"] == 6  # 12 train images: 6 registered, 6 streamed
     assert 0.0 <= stream["classes"]["weave"]["frr"] <= 1.0 and stream["traces"]["weave"][0]["frames"] == 0
+    assert stream["classes"]["weave"]["test_defects"] == 4  # 6 frames at 5% show none of its 4 test defects
     summary = report["summary"]
     for mode in ("cada", "bank", "none", "baseline"):
         mixed = summary[mode]["mixed"]

@@ -335,16 +335,22 @@ def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray]
         defect_raw = raw[test.labels[sel] == 1]
         order = line_eval.stream_order(len(good_raw), len(defect_raw), cfg.stream_frames, cfg.stream_defect_rate, rng)
         plan = line_eval.plan_of(order, good_raw, defect_raw)
-        out["stream"][name] = line_eval.simulate_stream(start, plan, threshold, StreamConfig(),
-                                                        test.labels[sel], raw)
+        labels = test.labels[sel]
+        keep = np.ones(len(labels), dtype=bool)  # after the stream: every good test image, the unseen defects
+        keep[np.flatnonzero(labels == 1)] = line_eval.held_out(order, len(defect_raw))
+        if not (labels[keep] == 1).any():
+            raise ValueError(f"{name}: the stream showed every one of its {len(defect_raw)} test defects, "
+                             "none is left to measure escapes on; lower --stream-frames or the defect rate")
+        out["stream"][name] = line_eval.simulate_stream(start, plan, threshold, StreamConfig(), labels[keep], raw[keep])
         out["stream"][name]["start_count"] = start.count
+        out["stream"][name]["test_defects"] = int((labels[keep] == 1).sum())
         if grow:
             rows = np.flatnonzero(sel)
             out.setdefault("growth", {})[name] = line_eval.simulate_growing_stream(
                 model, start, ci.baseline, len(ci.shot_features[0]), order, [f.float() for f in feats],
-                [f[rows[test.labels[sel] == 1]].float() for f in test.features], threshold, StreamConfig(),
-                GrowthConfig(max_images=model.cfg.bank.images), [f[rows].float() for f in test.features],
-                test.labels[sel], model.cfg.bank.coreset)
+                [f[rows[labels == 1]].float() for f in test.features], threshold, StreamConfig(),
+                GrowthConfig(max_images=model.cfg.bank.images), [f[rows[keep]].float() for f in test.features],
+                labels[keep], model.cfg.bank.coreset)
             del out["growth"][name]["bank"]  # the report keeps numbers only
     return out
 
@@ -362,7 +368,7 @@ def summarise_line(lines: Sequence[dict[str, Any]], classes: Sequence[str], mode
             "frames": cfg.stream_frames, "defect_rate": cfg.stream_defect_rate,
             "start_images": int(lines[0]["stream"][classes[0]]["start_count"]),
             "classes": {c: {k: _mean_std([d["stream"][c][k] for d in lines])["mean"]
-                            for k in ("frr", "escape", "stream_frr")} for c in classes},
+                            for k in ("frr", "escape", "stream_frr", "test_defects")} for c in classes},
             "traces": {c: lines[0]["stream"][c]["trace"] for c in classes},
         }
         grown = [d for d in lines if "growth" in d]

@@ -15,7 +15,7 @@ each unseen (target) class this measures, at the shipped threshold on the calibr
   (leave-one-out statistics), then a few hundred frames in order, good ones from its
   ``train/good`` images not used for registration with defects mixed in, the statistics
   updated as the worker's ``StreamCalibrator`` would; the rates on the test set are followed
-  after every refresh;
+  after every refresh, on the test defects the stream did not show (``held_out``);
 * the same stream with bank growth (``simulate_growing_stream``): frames that qualify join the
   product's bank as ``inspector.banks.growth`` decides, the bank is rebuilt when they would
   double it, and every later frame and the test set are scored against the grown bank.
@@ -94,6 +94,15 @@ def stream_order(n_good: int, n_defects: int, frames: int, defect_rate: float,
     index[~is_defect] = np.arange(n_good)
     index[is_defect] = rng.choice(n_defects, size=n_defect, replace=True)
     return StreamOrder(index, is_defect)
+
+
+def held_out(order: StreamOrder, n_defects: int) -> np.ndarray:
+    """(n_defects,) bool: the defects ``order`` never streams. The rates after a stream are measured
+    on these only: a defect the stream saw may have joined the grown bank or moved the statistics,
+    and scoring it again would count what the stream taught as detection (or as an escape)."""
+    keep = np.ones(n_defects, dtype=bool)
+    keep[order.index[order.defect]] = False
+    return keep
 
 
 def plan_of(order: StreamOrder, good_raw: np.ndarray, defect_raw: np.ndarray) -> StreamPlan:
