@@ -281,10 +281,10 @@ class CalibrationConfig:
     max_step: float = _opt(0.5, _positive)  # per refresh: u moves <= max_step spreads, spread x/÷ (1 + max_step)
     freeze_jump: float = _opt(0.2, _fraction)  # fail-rate rise over the previous window that freezes learning
     # Bank growth (inspector.banks.growth): passed frames at or below the grow_below quantile of a
-    # product's recent scores join its bank, rebuilt each time they would double it.
+    # product's recent scores (1.0: every passed frame) join its bank, rebuilt each time they would double it.
     grow_bank: bool = _opt(True)  # false: banks stay what registration gave them
     grow_max_images: int = _opt(0, _non_negative)  # images a grown bank holds at most (0: the card's bank.images)
-    grow_below: float = _opt(0.5, _fraction)  # quantile of the recent scores a frame must not exceed to join
+    grow_below: float = _opt(1.0, _fraction)  # quantile of the recent scores a frame must not exceed to join
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def test_a_stream_of_real_frames_grows_the_bank_and_lowers_good_scores() -> None
     cfg = StreamConfig(window=60, min_count=20, refresh_every=10)
     out = line_eval.simulate_growing_stream(
         model, start, bank, 4, order, good, defects, 1.2, cfg,
-        GrowthConfig(max_images=model.cfg.bank.images, min_count=20), test_feats, test_cache.labels,
+        GrowthConfig(max_images=model.cfg.bank.images, below=0.5, min_count=20), test_feats, test_cache.labels,
         model.cfg.bank.coreset)
     assert out["bank_images"] >= 16, out["growths"]
     assert all(0.2 <= g["ratio"] < 1.0 for g in out["growths"]), out["growths"]
