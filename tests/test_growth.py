@@ -132,6 +132,7 @@ def test_a_stream_of_real_frames_grows_the_bank_and_lowers_good_scores() -> None
     assert out["bank_images"] >= 16, out["growths"]
     assert all(0.2 <= g["ratio"] < 1.0 for g in out["growths"]), out["growths"]
     assert out["trace"][-1]["bank_images"] == out["bank_images"] and out["frames"] == 84
+    assert len(out["joined"]) == out["bank_images"] - 4 and out["joined"] == sorted(set(out["joined"]))
     good_rows = np.flatnonzero(test_cache.labels == 0)
     small = raw_scores_against(model, test_feats, bank, good_rows)
     grown = raw_scores_against(model, test_feats, out["bank"], good_rows)

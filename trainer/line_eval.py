@@ -160,7 +160,8 @@ def simulate_growing_stream(
 
     Returns:
         as ``simulate_stream``, plus ``bank_images`` (after the stream), ``growths``
-        (``{"frame", "images", "ratio"}`` per rebuild) and ``bank``, the bank in service at the end.
+        (``{"frame", "images", "ratio"}`` per rebuild), ``joined`` (the stream positions of the
+        frames that joined the bank, in order) and ``bank``, the bank in service at the end.
     """
     product = start.product
     calib = StreamCalibrator(cfg)
@@ -196,7 +197,7 @@ def simulate_growing_stream(
         return {"frames": frames, "frr": r["false_reject_rate"], "escape": r["escape_rate"],
                 "u": s.u, "gamma": s.gamma, "frozen": s.frozen, "bank_images": growth.images(product)}
 
-    trace, growths, rejected_good = [point(0)], [], 0
+    trace, growths, joined, rejected_good = [point(0)], [], [], 0
     for i, defect in enumerate(order.defect):
         raw = raw_of(i)
         s = calib.current(product)
@@ -207,6 +208,7 @@ def simulate_growing_stream(
         growth.offer(product, i, raw, not failed, s.frozen, calib.recent(product))
         if growth.due(product):
             rows = [int(r) for r in growth.take(product)]
+            joined.extend(rows)
             grown = grow_bank(model, current["bank"], growth.images(product), frame_feats(rows),
                               [scored[r] for r in rows], s, coreset)
             growth.grown(product, len(rows))
@@ -221,4 +223,4 @@ def simulate_growing_stream(
     last = point(len(order.index))
     return {"trace": trace, "frr": last["frr"], "escape": last["escape"], "frames": len(order.index),
             "stream_frr": rejected_good / max(1, int((~order.defect).sum())),
-            "bank_images": growth.images(product), "growths": growths, "bank": current["bank"]}
+            "bank_images": growth.images(product), "growths": growths, "joined": joined, "bank": current["bank"]}
