@@ -4,7 +4,10 @@
                               [--repeats 5]
 
 MACs are counted with ``torch.utils.flop_counter`` (FLOPs / 2) for one image; times are medians
-over ``--repeats`` runs after a warm-up, per stage and for the whole ``forward``.
+over ``--repeats`` runs after a warm-up, per stage and for the whole ``forward`` (the served graph:
+``served_stages`` names the stages it runs for the model's scoring and calibration mode, and
+``gmacs_served`` counts it whole). ``matmul_gmacs`` is a plain 4096 x 4096 fp32 matmul measured in
+the same run, and ``achieved_gmac_per_s`` the served graph's MACs over its time per image.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.benchmark import commit, machine
+from trainer.benchmark import commit, machine, matmul_gmacs, served_gmacs
 
 from inspector.artifact import load_artifact
 from inspector.cli import coreset_arg
@@ -56,6 +59,14 @@ def stages(model: InspectionModel, images: torch.Tensor, bank) -> dict[str, call
         "CADA head": lambda: model.cada(feats[-1]),
         "calibrate + score": lambda: model.inspect(analysis),
     }
+
+
+def served_stages(model: InspectionModel) -> list[str]:
+    """The stages the served graph runs for the model's scoring and calibration mode."""
+    score = model.cfg.score
+    flows = ["constraintor", "flow"] if score.scoring == "flow" else []
+    cada = ["CADA head"] if score.calibration == "cada" else []
+    return ["backbone", "routing", "residual (nearest neighbour)", *flows, "fuse + blur", *cada, "calibrate + score"]
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -102,13 +113,19 @@ def main() -> int:
         result = {"machine": machine(), "commit": commit(), "input_size": s,
                   "bank_vectors_per_level": [t.shape[1] for t in bank.features],
                   "gmacs_per_image": {k: round(v / 1e9, 4) for k, v in macs.items()},
-                  "gmacs_total": round(sum(macs.values()) / 1e9, 3), "timing": {}}
+                  "gmacs_total": round(sum(macs.values()) / 1e9, 3),
+                  "scoring": model.cfg.score.scoring, "calibration": model.cfg.score.calibration,
+                  "served_stages": served_stages(model),
+                  "gmacs_served": round(served_gmacs(model, model.cfg.score.calibration, args.products), 3),
+                  "timing": {}}
         for b in [int(x) for x in args.batch.split(",")]:
             images = torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8)
             per_stage = {n: median_seconds(fn, args.repeats) / b * 1e3 for n, fn in stages(model, images, bank).items()}
             total = median_seconds(lambda: model(images, bank), args.repeats) / b * 1e3
             result["timing"][f"batch{b}"] = {"forward_ms_per_image": round(total, 2),
+                                             "achieved_gmac_per_s": round(result["gmacs_served"] / total * 1e3, 1),
                                              "stage_ms_per_image": {k: round(v, 2) for k, v in per_stage.items()}}
+        result["matmul_gmacs"] = round(matmul_gmacs(), 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

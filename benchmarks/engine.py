@@ -10,11 +10,21 @@ includes compiling for inductor). On CUDA it also runs fp16 and bf16 autocast fo
 model's multiply-accumulates (``benchmarks/results/cost.json``) to say how far from peak it runs.
 Without ``--artifact``: the default configuration (256 px) with the offline backbone and untrained
 heads, the same arithmetic as a trained model. Results: ``benchmarks/results/engine-<device>.json``.
+
+In the same run (unless ``--no-previous``) it times the configuration served before the engine
+work: a bank of the 4 shots' every position (no coreset cap), scored by the flow, the whole graph
+computed (CADA head, the distance map beside the flow's, as evaluation computes it) and the bank
+converted from fp16 on every batch, eager, at batch 4; and a plain 4096 x 4096 fp32 matmul, this
+machine's arithmetic rate. The top-level keys relate them: ``matmul_gmacs``,
+``speedup_eager_batch4`` (the default eager over the previous eager at batch 4) and
+``onnx_fraction_of_matmul`` (the ONNX backend's GMAC/s at batch 4, on the served graph's MACs,
+over ``matmul_gmacs``). Absolute rates differ between instances of one machine kind: read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.benchmark import commit, machine
+from trainer.benchmark import commit, machine, matmul_gmacs, served_gmacs
 
 from deploy.compile import compile_program
 from inspector.artifact import load_artifact, save_artifact
@@ -33,6 +43,7 @@ from inspector.banks import build_snapshot
 from inspector.banks.record import BankMeta
 from inspector.engine import Engine, EngineSettings, bank_capacity
 from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
+from inspector.model.bank import BANK_DTYPE
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
@@ -77,16 +88,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
+    p.add_argument("--no-previous", action="store_true", help="skip the previous configuration and the matmul")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    artifact = args.artifact
-    if artifact is None:
-        torch.manual_seed(0)
-        model = InspectionModel(ModelConfig()).eval()
-        sha = load_backbone_weights(model.backbone, WEIGHTS) if WEIGHTS.is_file() else None
-        save_artifact(model, work / "model", sha)
-        artifact = str(work / "model")
+    artifact = args.artifact or default_artifact(ModelConfig(), work / "model")
     model, card = load_artifact(artifact)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     snap = snapshot(model, args.products)
@@ -112,21 +118,83 @@ def main(argv=None) -> int:
         setup_s = time.perf_counter() - t0
         timing = time_engine(engine, snap, batches, args.repeats)
         results.append({"backend": backend, "precision": precision, "setup_s": round(setup_s, 1), "batches": timing})
-    cost = json.loads((REPO / "benchmarks" / "results" / "cost.json").read_text()) if (REPO / "benchmarks" / "results" / "cost.json").is_file() else None
-    gmac = cost.get("gmacs_total") if isinstance(cost, dict) else None
+    gmac = served_gmacs(model, card.model_config.score.calibration, args.products)
     result = {"machine": machine(), "commit": commit(), "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
               "device": torch.cuda.get_device_name() if device == "cuda" else machine()["cpu"],
               "input_size": model.input_size, "products": args.products, "capacity": list(bank_capacity(model)),
-              "gmac_per_image": gmac, "results": results}
-    if gmac:
-        for r in results:
-            best = max(v["images_per_s"] for v in r["batches"].values())
-            r["achieved_gmac_per_s"] = round(best * gmac, 1)
+              "scoring": card.model_config.score.scoring, "calibration": card.model_config.score.calibration,
+              "gmac_per_image": round(gmac, 3), "results": results}
+    for r in results:
+        best = max(v["images_per_s"] for v in r["batches"].values())
+        r["achieved_gmac_per_s"] = round(best * gmac, 1)
+    if not args.no_previous:
+        result.update(previous_and_ratios(results, gmac, work, device, args))
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"engine-{device}.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({f"{r['backend']}/{r['precision']}": {b: v["images_per_s"] for b, v in r["batches"].items()}
                       for r in results}, indent=2))
     return 0
+
+
+def default_artifact(cfg: ModelConfig, path: Path) -> str:
+    """An artifact of ``cfg`` with the offline backbone (when present) and untrained heads."""
+    torch.manual_seed(0)
+    model = InspectionModel(cfg).eval()
+    sha = load_backbone_weights(model.backbone, WEIGHTS) if WEIGHTS.is_file() else None
+    save_artifact(model, path, sha)
+    return str(path)
+
+
+PREVIOUS_BATCH = 4
+
+
+def previous_and_ratios(results: list[dict], gmac: float, work: Path, device: str, args) -> dict:
+    """The previous configuration timed eager at batch 4, the matmul rate, and the ratios."""
+    base = ModelConfig()
+    cfg = dataclasses.replace(base, bank=dataclasses.replace(base.bank, coreset=None, images=base.bank.shots),
+                              score=dataclasses.replace(base.score, scoring="flow"))
+    artifact = default_artifact(cfg, work / "previous")
+    model, card = load_artifact(artifact)
+    engine = Engine(model, card, EngineSettings(device=device, batch_sizes=(PREVIOUS_BATCH,), products=args.products))
+    full = FullGraph(engine.model, engine.calibration).eval()
+    engine.runner = lambda *a: full(*a)
+    engine.bank_dtype = BANK_DTYPE  # the bank reached the graph in fp16, converted on every batch
+    timing = time_engine(engine, snapshot(model, args.products), [PREVIOUS_BATCH], args.repeats)
+    previous_gmac = served_gmacs(model, None, args.products)
+    rate = matmul_gmacs()
+    print(f"[engine] matmul 4096: {rate:.1f} GMAC/s", file=sys.stderr)
+
+    def at_batch(backend: str) -> float | None:
+        row = next((r for r in results if r["backend"] == backend and r["precision"] == "fp32"), None)
+        hit = row and row["batches"].get(str(PREVIOUS_BATCH))
+        return hit["images_per_s"] if hit else None
+
+    eager, onnx = at_batch("torch"), at_batch("onnx")
+    prev = timing[str(PREVIOUS_BATCH)]["images_per_s"]
+    return {
+        "previous": {"what": "4-shot bank uncapped, flow scoring, whole graph, fp16 bank converted per batch, eager",
+                     "capacity": list(bank_capacity(model)), "gmac_per_image": round(previous_gmac, 3),
+                     "batches": timing},
+        "matmul_gmacs": round(rate, 1),
+        "images_per_s_eager_batch4": eager,
+        "speedup_eager_batch4": round(eager / prev, 2) if eager else None,
+        "onnx_fraction_of_matmul": round(onnx * gmac / rate, 3) if onnx else None,
+    }
+
+
+class FullGraph(torch.nn.Module):
+    """The served graph as it was before it was trimmed: every output of ``analyse`` computed."""
+
+    def __init__(self, model: InspectionModel, calibration: str) -> None:
+        super().__init__()
+        self.model, self.calibration = model, calibration
+
+    def forward(self, images, hint, prototypes, stats, *levels):
+        from inspector.model.bank import BankTensors
+
+        m = self.model
+        bank = BankTensors(tuple(levels), prototypes, stats)
+        return tuple(m.inspect(m.analyse(m.extract(images), bank, hint), self.calibration))
 
 
 def _wrap_bf16(engine: Engine) -> None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.export import Dim, export
 
 from inspector.artifact import ModelCard, load_artifact
-from inspector.engine import ProgramKey, bank_capacity, default_program_path, runtime_version
+from inspector.engine import PROGRAM_BANK_DTYPE, ProgramKey, bank_capacity, default_program_path, runtime_version
 from inspector.model import InspectionModel
 from inspector.model.bank import BANK_DTYPE, ProductBank, stack_banks
 from inspector.model.serving import OUTPUT_NAMES, ServingGraph, input_names
@@ -39,8 +39,10 @@ class CompileError(RuntimeError):
     """A backend cannot build the program here; the message says what is missing."""
 
 
-def example_inputs(model: InspectionModel, batch: int, products: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Flat serving inputs of the right shapes: random frames and random banks at full capacity.
+def example_inputs(model: InspectionModel, batch: int, products: int, seed: int = 0,
+                   bank_dtype: torch.dtype = BANK_DTYPE) -> tuple[torch.Tensor, ...]:
+    """Flat serving inputs of the right shapes: random frames and random banks at full capacity,
+    the bank tensors in ``bank_dtype`` (what the program takes: ``PROGRAM_BANK_DTYPE``).
 
     Every product's bank is its own random unit vectors (and prototype), so routing has a clear
     winner: products with equal prototypes would tie, and runtimes may break ties differently.
@@ -55,7 +57,7 @@ def example_inputs(model: InspectionModel, batch: int, products: int, seed: int 
                          torch.tensor([0.0, 1.0])) for _ in range(products)]
     bank = stack_banks(banks, capacity)
     hint = torch.full((batch,), -1, dtype=torch.long)
-    return (images, hint, bank.prototypes, bank.stats, *bank.features)
+    return (images, hint, bank.prototypes, bank.stats, *(f.to(bank_dtype) for f in bank.features))
 
 
 def dynamic_shapes(levels: int, batch_min: int, batch_max: int) -> tuple:
@@ -86,7 +88,7 @@ def compile_program(
             raise CompileError("the onnx backend is built in fp32 (onnxruntime on CPU has no faster fp16 path); "
                                "use --precision fp32, or --backend tensorrt for fp16 on a GPU")
         path = Path(out) if out else default_program_path(artifact, backend, precision)
-        key = _key(card, model, backend, precision, lo, hi, products, calibration, "cpu")
+        key = _key(card, model, backend, precision, lo, hi, products, calibration, "cpu", PROGRAM_BANK_DTYPE[backend])
         t0 = time.perf_counter()
         export_onnx(graph, model, lo, hi, products, path)
         say(f"exported ONNX in {time.perf_counter() - t0:.1f}s: {path}")
@@ -102,10 +104,12 @@ def compile_program(
     raise ValueError(f"unknown backend {backend!r}: use onnx, tensorrt or inductor")
 
 
-def _key(card: ModelCard, model, backend, precision, lo, hi, products, calibration, device: str) -> ProgramKey:
+def _key(card: ModelCard, model, backend, precision, lo, hi, products, calibration, device: str,
+         bank_dtype: torch.dtype) -> ProgramKey:
     return ProgramKey(model_id=card.model_id, backend=backend, precision=precision, batch_min=lo, batch_max=hi,
                       capacity=list(bank_capacity(model)), products=products, calibration=calibration,
-                      input_size=model.input_size, device=device, runtime=runtime_version(backend))
+                      input_size=model.input_size, device=device, runtime=runtime_version(backend),
+                      bank_dtype=str(bank_dtype).removeprefix("torch."))
 
 
 def _write_key(path: Path, key: ProgramKey) -> None:
@@ -116,7 +120,7 @@ def export_onnx(graph: ServingGraph, model: InspectionModel, lo: int, hi: int, p
     """ONNX with a dynamic batch dimension; bank inputs at their fixed capacity."""
     path.parent.mkdir(parents=True, exist_ok=True)
     levels = len(model.channels)
-    args = example_inputs(model, max(2, lo), products)  # batch 1 would be specialised away
+    args = example_inputs(model, max(2, lo), products, bank_dtype=PROGRAM_BANK_DTYPE["onnx"])  # batch 1 would be specialised away
     torch.onnx.export(graph, args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes(levels, lo, hi),
                       input_names=list(input_names(levels)), output_names=list(OUTPUT_NAMES),
                       opset_version=ONNX_OPSET, external_data=True, verbose=False)
@@ -134,7 +138,7 @@ def compile_tensorrt(graph, model, card, lo, hi, products, precision, calibratio
         raise CompileError("TensorRT needs a CUDA GPU; none is visible")
     levels = len(model.channels)
     graph = graph.cuda()
-    args = tuple(a.cuda() for a in example_inputs(model, max(2, lo), products))
+    args = tuple(a.cuda() for a in example_inputs(model, max(2, lo), products, bank_dtype=PROGRAM_BANK_DTYPE["tensorrt"]))
     program = export(graph, args, dynamic_shapes=dynamic_shapes(levels, lo, hi))
     inputs = _trt_inputs(torch_tensorrt, args, lo, hi)
     t0 = time.perf_counter()
@@ -142,7 +146,8 @@ def compile_tensorrt(graph, model, card, lo, hi, products, precision, calibratio
     say(f"built TensorRT engine in {time.perf_counter() - t0:.0f}s")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_tensorrt.save(compiled, str(path), output_format="exported_program", arg_inputs=list(args))
-    return _key(card, model, "tensorrt", precision, lo, hi, products, calibration, torch.cuda.get_device_name())
+    return _key(card, model, "tensorrt", precision, lo, hi, products, calibration, torch.cuda.get_device_name(),
+                PROGRAM_BANK_DTYPE["tensorrt"])
 
 
 def _trt_inputs(trt, args, lo: int, hi: int) -> list:
@@ -186,7 +191,7 @@ def parity(graph: ServingGraph, model: InspectionModel, backend: str, path: Path
     runner = make_runner(backend, model, graph.calibration, path, device="cuda" if backend == "tensorrt" else "cpu")
     report = {}
     for b in sorted(set(batches)):
-        args = example_inputs(model, b, products, seed=b)
+        args = example_inputs(model, b, products, seed=b, bank_dtype=PROGRAM_BANK_DTYPE[backend])
         with torch.inference_mode():
             want = graph(*args)
         got = runner(*args)

@@ -18,7 +18,7 @@ import torch
 from .artifact import ModelCard
 from .banks.watcher import BankSnapshot
 from .model import InspectionModel, verdicts
-from .model.bank import level_caps
+from .model.bank import BANK_DTYPE, level_caps
 from .model.config import CALIBRATION_MODES
 from .model.serving import ServingGraph, input_names
 from .wire import ANOMALY, NO_PRODUCTS, UNKNOWN_PRODUCT
@@ -68,6 +68,7 @@ class ProgramKey:
     input_size: int
     device: str
     runtime: str
+    bank_dtype: str = "float16"  # the bank inputs' dtype (keys written before it was recorded: the stored fp16)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -98,6 +99,11 @@ def runtime_version(backend: str) -> str:
 
 
 PROGRAM_SUFFIX = {"onnx": ".onnx", "tensorrt": ".ep"}
+# The dtype each backend takes the bank tensors in. The engine converts a snapshot's (stored fp16)
+# banks to it once, when the snapshot comes into service, not in the graph on every batch: fp32 for
+# eager, inductor and ONNX; TensorRT programs take the stored fp16 and convert inside the engine
+# they build. A compiled program's key records the dtype it was built for.
+PROGRAM_BANK_DTYPE = {"torch": torch.float32, "inductor": torch.float32, "onnx": torch.float32, "tensorrt": BANK_DTYPE}
 
 
 def default_program_path(artifact: str | Path, backend: str, precision: str) -> Path:
@@ -205,12 +211,14 @@ class Engine:
         self._bank_device: tuple[BankSnapshot, object] | None = None
         self.backend = settings.backend
         self.program = None
+        self.bank_dtype = PROGRAM_BANK_DTYPE.get(settings.backend, torch.float32)
         if settings.backend in ("onnx", "tensorrt"):
-            self.program = self._checked_program(settings)
+            self.program, key = self._checked_program(settings)
+            self.bank_dtype = getattr(torch, key.bank_dtype)
         self.runner = make_runner(settings.backend, self.model, self.calibration, self.program, str(self.device))
 
-    def _checked_program(self, settings: EngineSettings) -> Path:
-        """The compiled program, refused unless its key matches this engine exactly."""
+    def _checked_program(self, settings: EngineSettings) -> tuple[Path, ProgramKey]:
+        """The compiled program and its key, refused unless the key matches this engine exactly."""
         path = Path(settings.compiled) if settings.compiled else None
         if path is None:
             raise ValueError(f"engine.backend {settings.backend} needs engine.compiled: the program written by "
@@ -240,17 +248,18 @@ class Engine:
                 f"--artifact ARTIFACT --backend {settings.backend} --precision {settings.precision} --batch "
                 f"{','.join(map(str, sorted(set(settings.batch_sizes))))} --products {settings.products or key.products}"
                 + (f" --calibration {self.calibration}" if self.calibration else ""))
-        return path
+        return path, key
 
     def _bank(self, snapshot: BankSnapshot):
-        """The snapshot's tensors on the engine's device, moved once per snapshot.
+        """The snapshot's tensors on the engine's device, in the backend's bank dtype
+        (``PROGRAM_BANK_DTYPE``), moved and converted once per snapshot.
 
         The cache holds the snapshot itself and compares identity: an ``id()`` could be reused by
         a new snapshot once the old one is freed, which would serve a stale bank.
         """
         if self._bank_device is None or self._bank_device[0] is not snapshot:
             t = snapshot.tensors
-            moved = type(t)(tuple(f.to(self.device) for f in t.features), t.prototypes.to(self.device),
+            moved = type(t)(tuple(f.to(self.device, self.bank_dtype) for f in t.features), t.prototypes.to(self.device),
                             t.stats.to(self.device))
             self._bank_device = (snapshot, moved)
         return self._bank_device[1]

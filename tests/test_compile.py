@@ -23,7 +23,7 @@ from inspector.banks import build_snapshot
 from inspector.banks.record import BankMeta
 from inspector.banks.register import read_shots, extract
 from inspector.cli import main
-from inspector.engine import Engine, EngineSettings, bank_capacity
+from inspector.engine import Engine, EngineSettings, ProgramKey, bank_capacity
 from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
 
 from .conftest import REAL_DATA, REAL_WEIGHTS, REPO, require_real
@@ -85,6 +85,10 @@ def test_onnx_matches_eager_on_real_images_and_the_worker_checks_its_key(setup, 
     onnx = Engine(*load_artifact(artifact), EngineSettings(device="cpu", backend="onnx", compiled=str(path),
                                                            batch_sizes=(1, 4), products=PRODUCTS))
     _compare(onnx, eager, snap, frames)
+    # the bank reaches every backend in its program's dtype, converted once per snapshot
+    assert key.bank_dtype == "float32" and onnx.bank_dtype == eager.bank_dtype == torch.float32
+    held = eager._bank(snap)
+    assert all(f.dtype == torch.float32 for f in held.features) and eager._bank(snap) is held
     with pytest.raises(ValueError) as err:  # a worker configured for more products than compiled
         Engine(*load_artifact(artifact), EngineSettings(device="cpu", backend="onnx", compiled=str(path),
                                                         batch_sizes=(1, 4), products=16))
@@ -97,6 +101,14 @@ def test_onnx_matches_eager_on_real_images_and_the_worker_checks_its_key(setup, 
     with pytest.raises(ValueError, match="model_id is '000000000000'"):
         Engine(*load_artifact(artifact), EngineSettings(device="cpu", backend="onnx", compiled=str(path),
                                                         batch_sizes=(1,), products=PRODUCTS))
+
+
+def test_a_program_key_written_before_the_bank_dtype_was_recorded_reads_as_fp16(tmp_path) -> None:
+    key = ProgramKey("m", "tensorrt", "fp16", 1, 8, [1, 2, 3], 2, "bank", 256, "gpu", "tensorrt x")
+    side = tmp_path / "p.json"
+    old = {k: v for k, v in json.loads(key.to_json()).items() if k != "bank_dtype"}
+    side.write_text(json.dumps(old))
+    assert ProgramKey.read(tmp_path / "p.ep").bank_dtype == "float16"  # what such programs were built for
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import torch
 from torch.export import Dim, export
 
 from inspector.model import BankTensors, FlowConfig, InspectionModel, ModelConfig, build_bank, stack_banks, verdicts
+from inspector.model.serving import ServingGraph
 from inspector.model.bank import describe_coreset, greedy_k_center, level_caps, nearest_neighbours, parse_coreset
 
 from .conftest import tiny_config
@@ -36,6 +37,16 @@ def test_nearest_neighbour_matches_brute_force(chunk: int) -> None:
     # float32 matmul vs float32 distances: 1e-6 covers rounding of unit-vector dot products
     torch.testing.assert_close(match, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(sim, (queries * expected).sum(-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tile", [1, 13, 50, None])
+def test_query_tiles_find_the_same_neighbours(tile: int | None) -> None:
+    queries, bank = unit(3, 50, 16, seed=3), unit(3, 130, 16, seed=4)
+    sim, match = nearest_neighbours(queries, bank, 64, query_tile=tile)
+    whole_sim, whole_match = nearest_neighbours(queries, bank, 64)
+    # each query's dot products come from a matmul of another height: 1e-6 covers the rounding
+    torch.testing.assert_close(sim, whole_sim, atol=1e-6, rtol=0)
+    torch.testing.assert_close(match, whole_match, atol=1e-6, rtol=0)
 
 
 def test_residual_is_query_minus_match(tiny_model: InspectionModel) -> None:
@@ -229,6 +240,36 @@ def test_distance_scoring_serves_the_nearest_neighbour_map_without_flows() -> No
         a = model.analyse([f[4:6] for f in feats], bank, torch.tensor([1, 1]))
     assert not calls  # no flow ran
     torch.testing.assert_close(a.raw_map, a.nn_map)
+
+
+@pytest.mark.parametrize("calibration", ["bank", "none", "cada"])
+@pytest.mark.parametrize("scoring", ["distance", "flow"])
+def test_served_graph_computes_only_what_its_mode_uses(calibration: str, scoring: str) -> None:
+    torch.manual_seed(0)
+    model = InspectionModel(tiny_config(scoring=scoring)).eval()
+    feats, bank = make_banks(model)
+    cada_calls, fuse_calls = [], []
+    model.cada.register_forward_hook(lambda *a: cada_calls.append(1))
+    fuse = model.fuse
+    model.fuse = lambda maps: fuse_calls.append(1) or fuse(maps)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    hint = torch.tensor([1, -1])
+    with torch.no_grad():
+        served = ServingGraph(model, calibration)(images, hint, bank.prototypes, bank.stats, *bank.features)
+        assert len(cada_calls) == (calibration == "cada")
+        assert len(fuse_calls) == 1  # the one map served: the flow's, or the distance (the raw map)
+        full = model.inspect(model.analyse(model.extract(images), bank, hint), calibration)
+    for got, want in zip(served, full):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)  # the same arithmetic, fewer outputs
+
+
+def test_an_analysis_for_another_mode_refuses_cada(tiny_model: InspectionModel) -> None:
+    feats, bank = make_banks(tiny_model)
+    with torch.no_grad():
+        a = tiny_model.analyse([f[4:6] for f in feats], bank, torch.tensor([1, 1]), served="bank")
+    assert a.cada is None
+    with pytest.raises(ValueError, match="no CADA output"):
+        tiny_model.inspect(a, "cada")
 
 
 def test_torch_export_dynamic_batch(tiny_model: InspectionModel) -> None:

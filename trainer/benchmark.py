@@ -112,3 +112,34 @@ def engine_throughput(artifact: Path, store_url: str, line: str, batch: int, dev
     t = statistics.median(times)
     return {"batch": batch, "batch_seconds_median": round(t, 4), "fps": round(batch / t, 3),
             "batch_seconds": [round(v, 4) for v in times]}
+
+
+def served_gmacs(model: InspectionModel, calibration: str | None, products: int = 2) -> float:
+    """Multiply-accumulates (GMAC) of one image through the served graph in ``calibration`` mode
+    (``torch.utils.flop_counter``, FLOPs / 2), against banks at the model's full capacity.
+    ``None``: the whole graph, every output of ``analyse`` (the card's mode calibrates)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deploy.compile import example_inputs
+    from inspector.model.serving import ServingGraph
+
+    graph = ServingGraph(model, calibration).eval()
+    args = example_inputs(model, 1, products, bank_dtype=torch.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        graph(*args)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def matmul_gmacs(size: int = 4096, repeats: int = 3) -> float:
+    """This machine's plain fp32 matmul rate (GMAC/s): ``size x size`` by ``size x size``,
+    the median of ``repeats`` after a warm-up, on torch's threads."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return size ** 3 / statistics.median(times) / 1e9

@@ -227,24 +227,44 @@ def stack_banks(
 
 
 def nearest_neighbours(
-    queries: torch.Tensor, bank: torch.Tensor, chunk: int
+    queries: torch.Tensor, bank: torch.Tensor, chunk: int, query_tile: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine nearest neighbour of each query among the bank, by chunked batched matmul.
 
-    Never forms a ``(B, Q, N, C)`` broadcast; peak memory is ``B * Q * chunk`` similarities.
+    Never forms a ``(B, Q, N, C)`` broadcast; peak memory is ``B * query_tile * chunk``
+    similarities: the queries are taken ``query_tile`` at a time (None: all at once), the bank
+    ``chunk`` vectors at a time.
 
     Args:
         queries: ``(B, Q, C)`` unit vectors.
-        bank: ``(B, N, C)`` unit vectors (any float dtype).
+        bank: ``(B, N, C)`` unit vectors (any float dtype; the engine hands it over in the
+            queries' dtype, so no conversion happens here).
         chunk: bank vectors per matmul.
+        query_tile: queries per matmul.
 
     Returns:
         ``(similarity, match)``: ``(B, Q)`` best cosine and ``(B, Q, C)`` matched vectors.
     """
     bank = bank.to(queries.dtype)
+    q = queries.shape[1]
+    tile = q if query_tile is None else query_tile
+    sims, idxs = [], []
+    for qs in range(0, q, tile):
+        sim, idx = _best_match(queries[:, qs : qs + tile], bank, chunk)
+        sims.append(sim)
+        idxs.append(idx)
+    best_sim = sims[0] if len(sims) == 1 else torch.cat(sims, dim=1)
+    best_idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs, dim=1)
+    channels = queries.shape[2]
+    match = torch.gather(bank, 1, best_idx.unsqueeze(-1).expand(-1, -1, channels))
+    return best_sim, match
+
+
+def _best_match(queries: torch.Tensor, bank: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, q)`` best cosine and index of ``(B, q, C)`` queries among ``(B, N, C)`` bank vectors."""
     best_sim, best_idx = None, None
     for start in range(0, bank.shape[1], chunk):
-        sims = torch.bmm(queries, bank[:, start : start + chunk].transpose(1, 2))  # (B, Q, n)
+        sims = torch.bmm(queries, bank[:, start : start + chunk].transpose(1, 2))  # (B, q, n)
         sim, idx = sims.max(dim=2)
         idx = idx + start
         if best_sim is None:
@@ -253,6 +273,4 @@ def nearest_neighbours(
             better = sim > best_sim
             best_sim = torch.where(better, sim, best_sim)
             best_idx = torch.where(better, idx, best_idx)
-    channels = queries.shape[2]
-    match = torch.gather(bank, 1, best_idx.unsqueeze(-1).expand(-1, -1, channels))
-    return best_sim, match
+    return best_sim, best_idx

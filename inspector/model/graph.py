@@ -57,13 +57,15 @@ class Analysis(NamedTuple):
 
     ``nn_map`` is the training-free baseline: blurred mean over levels of ``1 - cos`` to the
     nearest bank vector. ``cada`` and ``bank`` hold ``(u, gamma)`` from each calibration source.
+    The served graph leaves out what its calibration mode does not use (``analyse(served=...)``):
+    ``nn_map`` beside a flow's map, ``cada`` unless it calibrates by CADA.
     """
 
     raw_map: torch.Tensor
-    nn_map: torch.Tensor
+    nn_map: torch.Tensor | None
     product: torch.Tensor
     route_similarity: torch.Tensor
-    cada: tuple[torch.Tensor, torch.Tensor]
+    cada: tuple[torch.Tensor, torch.Tensor] | None
     bank: tuple[torch.Tensor, torch.Tensor]
 
 
@@ -209,9 +211,15 @@ class InspectionModel(nn.Module):
 
     # -- whole graph -----------------------------------------------------------------------
     def analyse(
-        self, features: Sequence[torch.Tensor], bank: BankTensors, hint: torch.Tensor | None = None
+        self, features: Sequence[torch.Tensor], bank: BankTensors, hint: torch.Tensor | None = None,
+        served: str | None = None,
     ) -> Analysis:
-        """Score backbone features against the bank; no calibration mode chosen yet."""
+        """Score backbone features against the bank; no calibration mode chosen yet.
+
+        ``served``: a calibration mode to compute only what serving in that mode uses (the served
+        graph): the CADA head only for ``cada``, and the distance map beside a flow's map not at
+        all. The fields left out are None. ``None`` computes everything (evaluation).
+        """
         if hint is None:
             hint = torch.full((features[0].shape[0],), -1, dtype=torch.long, device=features[0].device)
         product, similarity = self.route(features[-1], bank, hint)
@@ -224,13 +232,13 @@ class InspectionModel(nn.Module):
                 anomaly.append(-self.level_logp(level, res))
             distance.append(1.0 - sim)
         stats = bank.stats[product]  # (B, 2)
-        nn_map = self.fuse(distance)
+        nn_map = self.fuse(distance) if not (flows and served) else None
         return Analysis(
             raw_map=self.fuse(anomaly) if flows else nn_map,  # "distance" scoring runs no flow
             nn_map=nn_map,
             product=product,
             route_similarity=similarity,
-            cada=self.cada(features[-1]),
+            cada=self.cada(features[-1]) if served in (None, "cada") else None,
             bank=(stats[:, 0], stats[:, 1]),
         )
 
@@ -271,7 +279,10 @@ class InspectionModel(nn.Module):
             gamma = torch.ones_like(u)
             calibrated = raw
         else:
-            u, gamma = analysis.cada if mode == "cada" else analysis.bank
+            source = analysis.cada if mode == "cada" else analysis.bank
+            if source is None:
+                raise ValueError("this analysis was made for serving another calibration mode: it has no CADA output")
+            u, gamma = source
             calibrated = calibrate(raw, u, gamma)
         score = top_fraction_mean(calibrated, self.cfg.score.top_fraction)
         return Inspection(calibrated, raw, score, analysis.product, analysis.route_similarity, u, gamma)
@@ -286,7 +297,8 @@ class InspectionModel(nn.Module):
             bank: stacked, padded product banks (see ``inspector.model.bank``).
             hint: ``(B,)`` int64 product index per frame, ``-1`` to route by prototype.
         """
-        return self.inspect(self.analyse(self.extract(images), bank, hint))
+        mode = self.cfg.score.calibration
+        return self.inspect(self.analyse(self.extract(images), bank, hint, served=mode), mode)
 
 
 def verdicts(score: Any, route_similarity: Any, hinted: Any, threshold: float,

@@ -2,7 +2,9 @@
 
 ``InspectionModel.forward`` takes the bank as a ``BankTensors`` record; exporters and runtimes
 (ONNX, TensorRT) want a flat list of named tensors. This wrapper is exactly ``forward`` in a fixed
-calibration mode, so what is compiled is what is served.
+calibration mode, so what is compiled is what is served: only what that mode uses is computed
+(``InspectionModel.analyse(served=...)``: no CADA head unless it calibrates by CADA, no distance
+map beside a flow's).
 """
 
 from __future__ import annotations
@@ -48,4 +50,4 @@ class ServingGraph(nn.Module):
                 level0: torch.Tensor, level1: torch.Tensor, level2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         bank = BankTensors((level0, level1, level2), prototypes, stats)
         m = self.model
-        return tuple(m.inspect(m.analyse(m.extract(images), bank, hint), self.calibration))
+        return tuple(m.inspect(m.analyse(m.extract(images), bank, hint, served=self.calibration), self.calibration))
