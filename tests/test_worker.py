@@ -416,3 +416,100 @@ def test_every_metric_the_grafana_dashboard_queries_is_on_metrics(line) -> None:
     for name in ("inspector_results_total", "inspector_score_count", "inspector_stage_latency_seconds_bucket",
                  "inspector_queue_depth", "inspector_bank_epoch", "inspector_calibration_gamma", "inspector_ready"):
         assert name in queried and name in sampled, f"{name} has no samples after traffic"
+
+
+def _worker_process(line_setup: Path, store: str, prefix: str) -> tuple[subprocess.Popen, str, str, int]:
+    http_port, ingest, publish = free_port(), f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "inspector", "run", "--line", "7", "--artifact", str(line_setup / "model"),
+           "--store", store, "--set", f"banks.prefix={prefix}", "--bind", ingest, "--publish-bind", publish,
+           "--http-port", str(http_port), "--device", "cpu", "--set", "engine.batch_sizes=1,2",
+           "--max-batch", "2", "--max-delay-ms", "5", "--deadline-ms", "60000"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return proc, ingest, publish, http_port
+
+
+def test_two_workers_on_one_line_give_every_frame_exactly_one_result(line_setup, redis_url, redis_prefix) -> None:
+    """Two worker processes serve one line: the camera's PUSH connects to both PULL endpoints (ZMQ
+    spreads the frames), results come from each worker's PUB and one Redis stream. Every frame
+    gets exactly one result, none twice, and both workers serve."""
+    from inspector.banks import FileStore
+
+    store = open_store(redis_url, prefix=redis_prefix)
+    src = FileStore(line_setup / "banks")
+    for product in src.state("7").products:
+        store.put("7", src.blob("7", product), src.meta("7", product))
+    workers = [_worker_process(line_setup, redis_url, redis_prefix) for _ in range(2)]
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    subs = []
+    try:
+        for proc, ingest, publish, http_port in workers:
+            end = time.monotonic() + RESULT_TIMEOUT_S
+            while True:  # ready: warmed up, banks loaded
+                assert proc.poll() is None, "a worker exited before it was ready"
+                assert time.monotonic() < end, "a worker never became ready"
+                try:
+                    if urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=0.5).status == 200:
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"result.7.")
+            sub.setsockopt(zmq.RCVHWM, 0)
+            sub.connect(publish)
+            subs.append(sub)
+            push.connect(ingest)
+        seen = [False, False]
+        end = time.monotonic() + RESULT_TIMEOUT_S
+        while not all(seen):  # handshake: probes until both subscriptions see a result
+            assert time.monotonic() < end, "a worker's results never reached the subscriber"
+            push.send_multipart([b"probe"])
+            for i, sub in enumerate(subs):
+                while sub.poll(50):
+                    sub.recv_multipart()
+                    seen[i] = True
+        for sub in subs:
+            while sub.poll(300):
+                sub.recv_multipart()
+        n = 40
+        rng = np.random.default_rng(1)
+        for i in range(n):
+            h = FrameHeader(frame_id=f"two{i}", camera="cam1", ts_ns=time.time_ns(), encoding="jpeg")
+            push.send_multipart(encode_frame(h, encode_jpeg((rng.random((64, 64, 3)) * 200).astype(np.uint8))))
+        per_worker: list[list[str]] = [[], []]
+        end = time.monotonic() + RESULT_TIMEOUT_S
+        while sum(map(len, per_worker)) < n and time.monotonic() < end:
+            for i, sub in enumerate(subs):
+                if sub.poll(20):
+                    per_worker[i].append(Result.from_frames(sub.recv_multipart())[0].frame_id)
+        for sub in subs:  # anything published twice would arrive now
+            while sub.poll(300):
+                per_worker[subs.index(sub)].append(Result.from_frames(sub.recv_multipart())[0].frame_id)
+        published = per_worker[0] + per_worker[1]
+        assert sorted(published) == sorted(f"two{i}" for i in range(n))  # each exactly once
+        assert per_worker[0] and per_worker[1], [len(p) for p in per_worker]  # both served
+        key = f"{redis_prefix}:line:7:results"
+        end = time.monotonic() + RESULT_TIMEOUT_S
+        while True:
+            logged = [json.loads(f[b"result"])["frame_id"] for _, f in store.client.xrange(key)]
+            logged = [f for f in logged if f.startswith("two")]
+            if len(logged) >= n or time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        assert sorted(logged) == sorted(published)  # one stream, every result once
+    finally:
+        for proc, *_ in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, *_ in workers:
+            try:
+                assert proc.wait(RESULT_TIMEOUT_S) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        push.close(0)
+        for sub in subs:
+            sub.close(0)
+        ctx.term()
