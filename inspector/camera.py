@@ -395,6 +395,20 @@ class SentFrame:
         return json.dumps(asdict(self), separators=(",", ":"))
 
 
+def endpoints(connect: str) -> list[str]:
+    """A comma-separated list of ingest endpoints (one per worker serving the line).
+
+    Raises:
+        ValueError: the list names no endpoint, or one twice.
+    """
+    out = [e.strip() for e in connect.split(",")]
+    if not all(out):
+        raise ValueError(f"--connect must list endpoints separated by commas, got {connect!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"--connect names an endpoint twice: {connect!r}")
+    return out
+
+
 @dataclass
 class _PayloadCache:
     """Encoded payloads by source index, bounded in bytes."""
@@ -452,7 +466,8 @@ class Camera:
             curve = optional_client_configurer(cfg.curve_server_key, cfg.curve_client_key)
             if curve is not None:
                 curve(self.socket)
-            self.socket.connect(cfg.connect)
+            for endpoint in endpoints(cfg.connect):  # several workers on one line share the frames
+                self.socket.connect(endpoint)
         except (zmq.ZMQError, ValueError):
             self.close()
             raise

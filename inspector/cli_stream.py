@@ -42,7 +42,9 @@ def add_stream_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_publish(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--connect", default=CAMERA_CONNECT, help=f"worker ingest endpoint (default {CAMERA_CONNECT})")
+    p.add_argument("--connect", default=CAMERA_CONNECT,
+                   help=f"worker ingest endpoint, or several separated by commas: the workers of one line share "
+                        f"the frames (default {CAMERA_CONNECT})")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="FOLDER", help="send the images under FOLDER (MVTec layout gives the truth)")
     source.add_argument("--generate", metavar="PRODUCTS", help="send generated products, e.g. tiles,rings,weave,dots")

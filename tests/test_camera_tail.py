@@ -24,6 +24,7 @@ from inspector.camera import (
     FrameSource,
     Pacer,
     arrival_offsets,
+    endpoints,
     folder_truth,
     publish_frames,
 )
@@ -70,6 +71,32 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Sources
+
+
+def test_a_camera_connected_to_two_workers_spreads_its_frames(ctx, tmp_path):
+    socks = [ctx.socket(zmq.PULL) for _ in range(2)]
+    ports = [s.bind_to_random_port(LOOPBACK) for s in socks]
+    try:
+        source = FrameSource.generated(["tiles"], size=SIZE, seed=0, per_product=2)
+        n = 8
+        cfg = CameraConfig(connect=",".join(f"{LOOPBACK}:{p}" for p in ports), rate_fps=0, count=n)
+        assert publish_frames(source, cfg).sent == n
+        got = [[], []]
+        while sum(map(len, got)) < n:
+            ready = [i for i, s in enumerate(socks) if s.poll(RECV_TIMEOUT_MS // 10)]
+            assert ready, f"only {sum(map(len, got))} of {n} frames arrived"
+            for i in ready:
+                got[i].append(parse_frame(socks[i].recv_multipart())[0].frame_id)
+        assert got[0] and got[1] and len(set(got[0] + got[1])) == n  # each frame to one worker, both used
+    finally:
+        for s in socks:
+            s.close(linger=0)
+
+
+@pytest.mark.parametrize("bad", ["", "tcp://a:1,", "tcp://a:1,,tcp://b:2", "tcp://a:1,tcp://a:1"])
+def test_connect_lists_are_checked(bad):
+    with pytest.raises(ValueError, match="--connect"):
+        endpoints(bad)
 
 
 @pytest.mark.parametrize("encoding", ["jpeg", "png", "raw"])
