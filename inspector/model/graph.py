@@ -185,7 +185,7 @@ class InspectionModel(nn.Module):
         """
         b, c, h, w = features.shape
         queries = position_vectors(features)  # (B, HW, C)
-        sim, match = nearest_neighbours(queries, references, self.cfg.bank.chunk)
+        sim, match = nearest_neighbours(queries, references, self.cfg.bank.chunk, self.cfg.bank.query_tile)
         res = (queries - match).transpose(1, 2).reshape(b, c, h, w)
         return res, sim.reshape(b, 1, h, w)
 
