@@ -293,7 +293,7 @@ def format_line(line: dict | None) -> list[str]:
                f"registered from {line['registration_images']} good images):",
            f"{'class':<16}{'FRR':>7}{'escape':>8}{'own@FRR':>9}{'own@target':>11}{'LOCO FRR':>10}"
            + (f"{'stream FRR':>12}{'stream esc':>12}" if "stream" in line else "")
-           + (f"{'grown FRR':>11}{'grown esc':>11}{'bank':>6}" if "stream_growth" in line else "")]
+           + (f"{'grown FRR':>11}{'grown esc':>11}{'grown own@target':>18}{'bank':>6}" if "stream_growth" in line else "")]
     for c, r in line["classes"].items():
         row = (f"{c:<16}{r['frr']:>7.3f}{r['escape']:>8.3f}{r['oracle_escape']:>9.3f}"
                f"{r.get('target_oracle_escape', float('nan')):>11.3f}{r.get('loco_frr', float('nan')):>10.3f}")
@@ -302,7 +302,8 @@ def format_line(line: dict | None) -> list[str]:
             row += f"{st['frr']:>12.3f}{st['escape']:>12.3f}"
         if "stream_growth" in line:
             g = line["stream_growth"]["classes"][c]
-            row += f"{g['frr']:>11.3f}{g['escape']:>11.3f}{g['bank_images']:>6.0f}"
+            row += (f"{g['frr']:>11.3f}{g['escape']:>11.3f}{g.get('target_oracle_escape', float('nan')):>18.3f}"
+                    f"{g['bank_images']:>6.0f}")
         out.append(row)
     if "stream" in line:
         st = line["stream"]
@@ -311,7 +312,8 @@ def format_line(line: dict | None) -> list[str]:
                    f"{st['start_images']} good images; rates on the test set after it")
     if "stream_growth" in line:
         out.append("grown: the same stream with the bank grown from the frames that qualify "
-                   "(inspector.banks.growth); bank: its images after the stream")
+                   "(inspector.banks.growth); grown own@target: the grown bank's escape at its own threshold at "
+                   "the target FRR; bank: its images after the stream")
     return out
 
 

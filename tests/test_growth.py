@@ -11,7 +11,7 @@ from inspector.banks.growth import BankGrowth, GrowthConfig, grow_bank
 from inspector.banks.normal import NormalStats, StreamCalibrator, StreamConfig
 from inspector.banks.register import extract, raw_scores_against
 from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
-from trainer import line_eval
+from trainer import line_eval, metrics
 from trainer.data import ImageCache, list_samples
 
 from .conftest import REAL_DATA, REAL_WEIGHTS, require_real, tiny_config
@@ -139,6 +139,12 @@ def test_a_stream_of_real_frames_grows_the_bank_and_lowers_good_scores() -> None
     # Tolerance: none on the median, which must drop; a few images may rise by the coreset cap.
     assert np.median(grown) < np.median(small), (np.median(grown), np.median(small))
     assert out["bank"].features[0].shape[0] <= model.cfg.bank.coreset[0]
+    # the grown bank's own-threshold escapes are those of its final test scores (rank only)
+    labels = test_cache.labels
+    raw = raw_scores_against(model, test_feats, out["bank"])
+    at_target = metrics.threshold_at_false_reject_rate(raw[labels == 0], 0.01)
+    assert out["target_oracle_escape"] == pytest.approx(float((raw[labels == 1] <= at_target).mean()), abs=1e-9)
+    assert 0.0 <= out["oracle_escape"] <= 1.0
 
 
 # -- in a running worker -------------------------------------------------------------------------

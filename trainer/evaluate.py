@@ -350,7 +350,7 @@ def draw_line(model: InspectionModel, test: TestSet, draw: dict[str, np.ndarray]
                 model, start, ci.baseline, len(ci.shot_features[0]), order, [f.float() for f in feats],
                 [f[rows[labels == 1]].float() for f in test.features], threshold, StreamConfig(),
                 GrowthConfig(max_images=model.cfg.bank.images), [f[rows[keep]].float() for f in test.features],
-                labels[keep], model.cfg.bank.coreset)
+                labels[keep], model.cfg.bank.coreset, frr_target)
             del out["growth"][name]["bank"]  # the report keeps numbers only
     return out
 
@@ -377,7 +377,9 @@ def summarise_line(lines: Sequence[dict[str, Any]], classes: Sequence[str], mode
                 "frames": cfg.stream_frames, "defect_rate": cfg.stream_defect_rate,
                 "start_images": out["stream"]["start_images"], "draws": len(grown),
                 "classes": {c: {k: _mean_std([d["growth"][c][k] for d in grown])["mean"]
-                                for k in ("frr", "escape", "stream_frr", "bank_images")} for c in classes},
+                                for k in ("frr", "escape", "stream_frr", "bank_images", "oracle_escape",
+                                          "target_oracle_escape") if all(k in d["growth"][c] for d in grown)}
+                            for c in classes},
                 # the stream without growth over the same draws, for a like-for-like comparison
                 "without": {c: {k: _mean_std([d["stream"][c][k] for d in grown])["mean"] for k in ("frr", "escape")}
                             for c in classes},

@@ -153,7 +153,7 @@ def simulate_growing_stream(
     model: InspectionModel, start: NormalStats, bank: ProductBank, images: int, order: StreamOrder,
     good_feats: Sequence[torch.Tensor], defect_feats: Sequence[torch.Tensor], threshold: float,
     cfg: StreamConfig, growth_cfg: GrowthConfig, test_feats: Sequence[torch.Tensor], test_labels: np.ndarray,
-    coreset: Coreset = None,
+    coreset: Coreset = None, frr_target: float = 0.01,
 ) -> dict[str, Any]:
     """``simulate_stream`` with bank growth: the product starts from ``bank`` (``images`` images)
     and ``start``; frames are scored against the bank in service when they arrive.
@@ -161,7 +161,10 @@ def simulate_growing_stream(
     Returns:
         as ``simulate_stream``, plus ``bank_images`` (after the stream), ``growths``
         (``{"frame", "images", "ratio"}`` per rebuild), ``joined`` (the stream positions of the
-        frames that joined the bank, in order) and ``bank``, the bank in service at the end.
+        frames that joined the bank, in order), ``bank``, the bank in service at the end, and
+        ``oracle_escape`` / ``target_oracle_escape``: the escape of the grown bank's scores at
+        their own threshold at the stream's false-reject rate and at ``frr_target`` (how well the
+        grown bank ranks, apart from where the stream's statistics put the line threshold).
     """
     product = start.product
     calib = StreamCalibrator(cfg)
@@ -221,6 +224,9 @@ def simulate_growing_stream(
         if changed:
             trace.append(point(i + 1))
     last = point(len(order.index))
+    s = calib.current(product)
+    own = class_rates(test_labels, calibrated(test["raw"], s.u, s.gamma), threshold, frr_target)
     return {"trace": trace, "frr": last["frr"], "escape": last["escape"], "frames": len(order.index),
             "stream_frr": rejected_good / max(1, int((~order.defect).sum())),
-            "bank_images": growth.images(product), "growths": growths, "joined": joined, "bank": current["bank"]}
+            "bank_images": growth.images(product), "growths": growths, "joined": joined, "bank": current["bank"],
+            "oracle_escape": own["oracle_escape"], "target_oracle_escape": own["target_oracle_escape"]}
