@@ -7,7 +7,8 @@ Times ``Engine.infer`` (the worker's call: uint8 frames in, scores and maps out)
 against a bank of ``--products`` products at the model's full capacity, after a warm-up (which
 includes compiling for inductor). On CUDA it also runs fp16 and bf16 autocast for eager and
 ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``), and relates throughput to the
-model's multiply-accumulates (``benchmarks/results/cost.json``) to say how far from peak it runs.
+served graph's multiply-accumulates (``served_gmacs``, counted in the same run) to say how far
+from peak it runs.
 Without ``--artifact``: the default configuration (256 px) with the offline backbone and untrained
 heads, the same arithmetic as a trained model. Results: ``benchmarks/results/engine-<device>.json``.
 
@@ -44,6 +45,7 @@ from inspector.banks.record import BankMeta
 from inspector.engine import Engine, EngineSettings, bank_capacity
 from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
 from inspector.model.bank import BANK_DTYPE
+from inspector.model.serving import ServingGraph
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
@@ -157,11 +159,11 @@ def previous_and_ratios(results: list[dict], gmac: float, work: Path, device: st
     artifact = default_artifact(cfg, work / "previous")
     model, card = load_artifact(artifact)
     engine = Engine(model, card, EngineSettings(device=device, batch_sizes=(PREVIOUS_BATCH,), products=args.products))
-    full = FullGraph(engine.model, engine.calibration).eval()
+    full = ServingGraph(engine.model, engine.calibration, trimmed=False).eval()
     engine.runner = lambda *a: full(*a)
     engine.bank_dtype = BANK_DTYPE  # the bank reached the graph in fp16, converted on every batch
     timing = time_engine(engine, snapshot(model, args.products), [PREVIOUS_BATCH], args.repeats)
-    previous_gmac = served_gmacs(model, None, args.products)
+    previous_gmac = served_gmacs(model, engine.calibration, args.products, trimmed=False)
     rate = matmul_gmacs()
     print(f"[engine] matmul 4096: {rate:.1f} GMAC/s", file=sys.stderr)
 
@@ -181,21 +183,6 @@ def previous_and_ratios(results: list[dict], gmac: float, work: Path, device: st
         "speedup_eager_batch4": round(eager / prev, 2) if eager else None,
         "onnx_fraction_of_matmul": round(onnx * gmac / rate, 3) if onnx else None,
     }
-
-
-class FullGraph(torch.nn.Module):
-    """The served graph as it was before it was trimmed: every output of ``analyse`` computed."""
-
-    def __init__(self, model: InspectionModel, calibration: str) -> None:
-        super().__init__()
-        self.model, self.calibration = model, calibration
-
-    def forward(self, images, hint, prototypes, stats, *levels):
-        from inspector.model.bank import BankTensors
-
-        m = self.model
-        bank = BankTensors(tuple(levels), prototypes, stats)
-        return tuple(m.inspect(m.analyse(m.extract(images), bank, hint), self.calibration))
 
 
 def _wrap_bf16(engine: Engine) -> None:

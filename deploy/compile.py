@@ -88,7 +88,7 @@ def compile_program(
             raise CompileError("the onnx backend is built in fp32 (onnxruntime on CPU has no faster fp16 path); "
                                "use --precision fp32, or --backend tensorrt for fp16 on a GPU")
         path = Path(out) if out else default_program_path(artifact, backend, precision)
-        key = _key(card, model, backend, precision, lo, hi, products, calibration, "cpu", PROGRAM_BANK_DTYPE[backend])
+        key = _key(card, model, backend, precision, lo, hi, products, calibration, "cpu")
         t0 = time.perf_counter()
         export_onnx(graph, model, lo, hi, products, path)
         say(f"exported ONNX in {time.perf_counter() - t0:.1f}s: {path}")
@@ -104,12 +104,11 @@ def compile_program(
     raise ValueError(f"unknown backend {backend!r}: use onnx, tensorrt or inductor")
 
 
-def _key(card: ModelCard, model, backend, precision, lo, hi, products, calibration, device: str,
-         bank_dtype: torch.dtype) -> ProgramKey:
+def _key(card: ModelCard, model, backend, precision, lo, hi, products, calibration, device: str) -> ProgramKey:
     return ProgramKey(model_id=card.model_id, backend=backend, precision=precision, batch_min=lo, batch_max=hi,
                       capacity=list(bank_capacity(model)), products=products, calibration=calibration,
                       input_size=model.input_size, device=device, runtime=runtime_version(backend),
-                      bank_dtype=str(bank_dtype).removeprefix("torch."))
+                      bank_dtype=str(PROGRAM_BANK_DTYPE[backend]).removeprefix("torch."))
 
 
 def _write_key(path: Path, key: ProgramKey) -> None:
@@ -146,8 +145,7 @@ def compile_tensorrt(graph, model, card, lo, hi, products, precision, calibratio
     say(f"built TensorRT engine in {time.perf_counter() - t0:.0f}s")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_tensorrt.save(compiled, str(path), output_format="exported_program", arg_inputs=list(args))
-    return _key(card, model, "tensorrt", precision, lo, hi, products, calibration, torch.cuda.get_device_name(),
-                PROGRAM_BANK_DTYPE["tensorrt"])
+    return _key(card, model, "tensorrt", precision, lo, hi, products, calibration, torch.cuda.get_device_name())
 
 
 def _trt_inputs(trt, args, lo: int, hi: int) -> list:

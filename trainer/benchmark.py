@@ -114,16 +114,16 @@ def engine_throughput(artifact: Path, store_url: str, line: str, batch: int, dev
             "batch_seconds": [round(v, 4) for v in times]}
 
 
-def served_gmacs(model: InspectionModel, calibration: str | None, products: int = 2) -> float:
+def served_gmacs(model: InspectionModel, calibration: str, products: int = 2, trimmed: bool = True) -> float:
     """Multiply-accumulates (GMAC) of one image through the served graph in ``calibration`` mode
-    (``torch.utils.flop_counter``, FLOPs / 2), against banks at the model's full capacity.
-    ``None``: the whole graph, every output of ``analyse`` (the card's mode calibrates)."""
+    (``torch.utils.flop_counter``, FLOPs / 2), against banks at the model's full capacity;
+    ``trimmed`` as for ``ServingGraph``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from deploy.compile import example_inputs
     from inspector.model.serving import ServingGraph
 
-    graph = ServingGraph(model, calibration).eval()
+    graph = ServingGraph(model, calibration, trimmed).eval()
     args = example_inputs(model, 1, products, bank_dtype=torch.float32)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         graph(*args)

@@ -36,18 +36,21 @@ class ServingGraph(nn.Module):
     Args:
         model: the inspection model (eval mode).
         calibration: the calibration mode baked into the graph (``cada``, ``bank`` or ``none``).
+        trimmed: compute only what ``calibration`` uses (served); False computes every output of
+            ``analyse`` as evaluation does (the untrimmed graph, for benchmarks).
     """
 
-    def __init__(self, model: InspectionModel, calibration: str) -> None:
+    def __init__(self, model: InspectionModel, calibration: str, trimmed: bool = True) -> None:
         super().__init__()
         if len(model.channels) != SERVED_LEVELS:
             raise ValueError(f"the served graph takes {SERVED_LEVELS} bank levels; this model has "
                              f"{len(model.channels)} (backbone out_indices)")
         self.model = model
         self.calibration = calibration
+        self.trimmed = trimmed
 
     def forward(self, images: torch.Tensor, hint: torch.Tensor, prototypes: torch.Tensor, stats: torch.Tensor,
                 level0: torch.Tensor, level1: torch.Tensor, level2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         bank = BankTensors((level0, level1, level2), prototypes, stats)
         m = self.model
-        return tuple(m.inspect(m.analyse(m.extract(images), bank, hint, served=self.calibration), self.calibration))
+        return tuple(m.inspect(m.analyse(m.extract(images), bank, hint, served=self.calibration if self.trimmed else None), self.calibration))
