@@ -64,6 +64,13 @@ WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 # took about a sixth of the time of Pillow's default level 6 for a file about 15% larger.
 HEATMAP_PNG_COMPRESS_LEVEL = 1
 DEFAULT_JPEG_QUALITY = 90  # camera-typical quality: artefacts well below the defects we look for
+# A JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps both sides at least this
+# multiple of the model's input side; the bilinear resize then filters the rest. At 256 px a 5 MP
+# camera JPEG is prepared 1.9 times faster and a 12 MP one 8.3 times, 0.16-0.20 grey levels from
+# the full decode's input on average (3 at most); a margin of 1 was faster at 5 MP (4.6 times) but
+# up to 28 grey levels off on a real pcb file (benchmarks/decode.py, benchmarks/results/decode.json).
+# No image of the industrial set is large enough to be reduced at 256 px.
+JPEG_DRAFT_MARGIN = 2
 
 
 class DecodeError(WireError):
@@ -92,10 +99,9 @@ def decode_image(
         reduce_to: the side the image will be resized to, if known: a JPEG at least twice that
             size on both sides is decoded at a reduced scale (1/2, 1/4 or 1/8 in the JPEG's own
             DCT, Pillow's draft mode) that keeps both sides at least ``reduce_to``, instead of
-            decoding every pixel to throw most away. Other encodings ignore it. Not used by the
-            worker, registration or the trainer yet: it changes the pixels of large JPEGs (the
-            industrial set's pcb at 256 px), and turning it on for all three together waits for
-            an accuracy measurement (``benchmarks/decode.py`` has its speed).
+            decoding every pixel to throw most away. Other encodings ignore it. The worker,
+            registration and the trainer all pass ``draft_side(input size)``
+            (:func:`prepare_frame`, :func:`file_to_model_input`), so they see the same pixels.
 
     Returns:
         ``(H, W, 3)`` uint8 RGB, C-contiguous, writable, owning its memory (the message buffer
@@ -249,9 +255,34 @@ def decode_file(data: bytes, limits: WireLimits = WireLimits(), reduce_to: int |
         image.close()
 
 
+def draft_side(size: int) -> int:
+    """The ``reduce_to`` side for a model input of ``size``: ``JPEG_DRAFT_MARGIN`` times it."""
+    return size * JPEG_DRAFT_MARGIN
+
+
+def prepare_frame(header: FrameHeader, payload: memoryview | bytes, limits: WireLimits, size: int) -> np.ndarray:
+    """A frame payload -> the model's ``(size, size, 3)`` uint8 input: a large JPEG decoded at the
+    draft scale (:func:`draft_side`), then :func:`resize_square`.
+
+    Raises:
+        DecodeError: as :func:`decode_image`.
+    """
+    return resize_square(decode_image(header, payload, limits, draft_side(size)), size)
+
+
+def file_to_model_input(data: bytes, size: int, limits: WireLimits = WireLimits()) -> np.ndarray:
+    """An image file's bytes -> the model's ``(size, size, 3)`` uint8 input, exactly as
+    :func:`prepare_frame` prepares the same file sent as a frame.
+
+    Raises:
+        DecodeError: as :func:`decode_file`.
+    """
+    return resize_square(decode_file(data, limits, draft_side(size)), size)
+
+
 def load_image_file(path: str | Path, size: int | None = None) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` uint8 RGB (:func:`decode_file`), resized to ``(size, size)``
-    by :func:`resize_square` when ``size`` is given: the model's input for that file.
+    """An image file as ``(H, W, 3)`` uint8 RGB (:func:`decode_file`, in full), or with ``size``
+    the model's ``(size, size, 3)`` input for that file (:func:`file_to_model_input`).
 
     Raises:
         DecodeError: the file is not a readable image (the message names it).
@@ -259,10 +290,9 @@ def load_image_file(path: str | Path, size: int | None = None) -> np.ndarray:
     """
     data = Path(path).read_bytes()
     try:
-        rgb = decode_file(data)
+        return decode_file(data) if size is None else file_to_model_input(data, size)
     except DecodeError as exc:
         raise DecodeError(exc.reason, f"{path}: {exc.detail}") from None
-    return rgb if size is None else resize_square(rgb, size)
 
 
 def _wide_to_u8(gray: np.ndarray) -> np.ndarray:

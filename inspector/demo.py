@@ -131,7 +131,7 @@ def _bank_add(store: str, artifact: Path, data: Path, product: str) -> float:
 
 def _frames(data: Path, count: int) -> list[dict]:
     """The stream: test images of every line product, shuffled deterministically."""
-    from .banks.register import to_model_input
+    from .decode import file_to_model_input
     from .decode import encode_jpeg
 
     items = []
@@ -145,7 +145,7 @@ def _frames(data: Path, count: int) -> list[dict]:
     cache: dict[str, bytes] = {}
     for it in stream:
         if it["path"] not in cache:
-            cache[it["path"]] = encode_jpeg(to_model_input(Path(it["path"]).read_bytes(), DEMO_SIZE))
+            cache[it["path"]] = encode_jpeg(file_to_model_input(Path(it["path"]).read_bytes(), DEMO_SIZE))
         it["jpeg"] = cache[it["path"]]
     return stream
 
@@ -369,7 +369,7 @@ def _write_overlays(out: Path, stream, results) -> None:
     """Side-by-side frame and heatmap overlay for a few frames per product and truth."""
     from PIL import Image
 
-    from .banks.register import to_model_input
+    from .decode import file_to_model_input
     from .decode import decode_heatmap, heat_overlay
 
     folder = out / "heatmaps"
@@ -385,7 +385,7 @@ def _write_overlays(out: Path, stream, results) -> None:
         if kept.get(key, 0) >= OVERLAYS_PER_GROUP:
             continue
         kept[key] = kept.get(key, 0) + 1
-        image = to_model_input(Path(item["path"]).read_bytes(), DEMO_SIZE).astype(np.float32)
+        image = file_to_model_input(Path(item["path"]).read_bytes(), DEMO_SIZE).astype(np.float32)
         overlay = heat_overlay(image, decode_heatmap(png, r.heatmap.scale))
         pair = np.concatenate([image.astype(np.uint8), overlay], axis=1)
         name = f"{item['frame_id']}.png"

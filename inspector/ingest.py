@@ -19,7 +19,7 @@ import zmq
 
 from .batcher import FrameQueue, Job
 from .config import IngestConfig
-from .decode import decode_image, resize_square
+from .decode import prepare_frame
 from .wire import FrameHeader, WireError, WireLimits, parse_frame
 
 RECV_POLL_MS = 100  # bounds how long a stop request waits for the ingest thread
@@ -34,9 +34,10 @@ Drop = Callable[[Job], None]
 
 
 def prepare(header: FrameHeader, payload: memoryview, limits: WireLimits, size: int) -> tuple[np.ndarray, float]:
-    """Decode and resize one payload -> ``((size, size, 3) uint8 RGB, milliseconds)``."""
+    """Decode and resize one payload (``inspector.decode.prepare_frame``: a large JPEG at a reduced
+    DCT scale) -> ``((size, size, 3) uint8 RGB, milliseconds)``."""
     t0 = time.perf_counter()
-    pixels = resize_square(decode_image(header, payload, limits), size)
+    pixels = prepare_frame(header, payload, limits, size)
     return pixels, 1000 * (time.perf_counter() - t0)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from inspector.banks.register import read_shots
 from inspector.camera import encode_payload, load_rgb
-from inspector.decode import DecodeError, decode_file, load_image_file, resize_square
+from inspector.decode import DecodeError, decode_file, draft_side, load_image_file, resize_square
 from inspector.ingest import prepare
 from inspector.wire import FrameHeader, WireLimits
 from trainer.data import load_image
@@ -39,7 +39,7 @@ def _files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     Image.fromarray(wide).save(tmp_path / "wide.png")  # mode I;16
     out["16-bit png"] = (tmp_path / "wide.png", "png")
     big = np.kron(rng.integers(0, 256, (26, 34, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
-    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)  # 208 x 272: 4x the input, decoded in full
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)  # 208 x 272: over 4x the input, decoded at 1/2
     out["large jpeg"] = (tmp_path / "big.jpg", "jpeg")
     return out
 
@@ -56,8 +56,16 @@ def test_training_registration_camera_and_serving_see_identical_pixels(tmp_path:
     camera, _ = prepare(FrameHeader(frame_id="g", camera="cam", ts_ns=0, encoding="png"), memoryview(payload),
                         WireLimits(), SIZE)
     assert served.shape == (SIZE, SIZE, 3) and served.dtype == np.uint8
-    for name, pixels in (("trainer", trained), ("registration", registered), ("camera", camera)):
+    for name, pixels in (("trainer", trained), ("registration", registered)):
         assert np.array_equal(pixels, served), f"{name} pixels differ from the served ones for a {kind}"
+    if kind == "large jpeg":
+        # The simulator sends its full decode as a PNG, which is never reduced; the served JPEG is
+        # decoded at half scale (a camera sending the JPEG itself gives the served pixels). On this
+        # blocky image the two inputs differ by well under 2 grey levels on average.
+        assert decode_file(data, reduce_to=draft_side(SIZE)).shape == (104, 136, 3)
+        assert np.abs(camera.astype(float) - served).mean() < 2.0
+    else:
+        assert np.array_equal(camera, served), f"camera pixels differ from the served ones for a {kind}"
 
 
 def test_sixteen_bit_grey_is_scaled_with_rounding(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from inspector.decode import decode_file, draft_side, file_to_model_input, resize_square
 from inspector.model import InspectionModel, ModelConfig, WeightsError, build_bank, load_backbone_weights, stack_banks
 from trainer.data import ImageCache, list_samples
 from trainer.evaluate import image_scores
@@ -64,3 +66,43 @@ def test_pretrained_features_detect_real_defects() -> None:
     # features must beat random ones on the same images by a clear margin.
     assert auc_pre > 0.8, auc_pre
     assert auc_pre > auc_rand + 0.05, (auc_pre, auc_rand)
+
+
+def test_reduced_jpeg_decode_moves_real_scores_by_under_a_tenth_of_the_good_spread() -> None:
+    """The worker, registration and the trainer decode a JPEG much larger than the model input at
+    a reduced DCT scale (``inspector.decode.prepare_frame``). On real pcb files (640 x 640 JPEGs,
+    decoded at half scale for a 128 px model), the image score of the real backbone's distance
+    moves by at most a tenth of the spread of the good images' scores against the same 4-image
+    bank. Measured: at most 0.0011 against a spread of 0.034 (3%); the tolerance of 10% leaves
+    room for other machines' arithmetic and still fails a reduced decode that changed what the
+    model sees (a 1/8 decode, upscaled, moved them by 0.014, 42% of the spread)."""
+    require_real(REAL_DATA / "pcb")
+    size = 128
+    model = small_pretrained(size)
+    train = list_samples(REAL_DATA, "pcb", "train")[:4]
+    test = list_samples(REAL_DATA, "pcb", "test")
+    files = [s.path for s in test if s.label == 0][:8] + [s.path for s in test if s.label == 1][:8]
+    datas = [Path(f).read_bytes() for f in files]
+    assert decode_file(datas[0], reduce_to=draft_side(size)).shape == (320, 320, 3)  # really reduced
+    full = np.stack([resize_square(decode_file(d), size) for d in datas])
+    reduced = np.stack([file_to_model_input(d, size) for d in datas])
+    assert not np.array_equal(full, reduced)
+    with torch.no_grad():
+        shots = np.stack([file_to_model_input(Path(s.path).read_bytes(), size) for s in train])
+        bank = stack_banks([build_bank(model.extract(torch.from_numpy(shots)))])
+
+        def score(images: np.ndarray) -> np.ndarray:
+            maps = model.analyse(model.extract(torch.from_numpy(images)), bank).nn_map[:, 0].numpy()
+            return image_scores(maps, model.cfg.score.top_fraction)
+
+        s_full, s_reduced = score(full), score(reduced)
+    spread = float(s_full[:8].std())
+    assert np.abs(s_full - s_reduced).max() <= 0.1 * spread, (np.abs(s_full - s_reduced).max(), spread)
+
+
+def small_pretrained(size: int) -> InspectionModel:
+    cfg = ModelConfig()
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=size))
+    model = InspectionModel(cfg).eval()
+    load_backbone_weights(model.backbone, require_real(REAL_WEIGHTS))
+    return model

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..decode import DecodeError, decode_file, resize_square
+from ..decode import DecodeError, file_to_model_input
 from ..model import InspectionModel
 from ..model.bank import (BankTensors, Coreset, ProductBank, build_fold_banks, describe_coreset, greedy_k_center,
                           prototype_of, stack_banks)
@@ -79,19 +79,13 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def to_model_input(data: bytes, size: int) -> np.ndarray:
-    """Image file bytes -> ``(size, size, 3)`` uint8 RGB, exactly as the worker prepares a frame
-    of the same file (``inspector.decode.decode_file``, then ``resize_square``)."""
-    return resize_square(decode_file(data), size)
-
-
 def read_shots(paths: Sequence[str | Path], size: int) -> list[ShotImage]:
     """Read and resize every offered image; an unreadable one is an error naming the file."""
     shots = []
     for path in expand_paths(paths):
         data = path.read_bytes()
         try:
-            pixels = to_model_input(data, size)
+            pixels = file_to_model_input(data, size)
         except (DecodeError, OSError) as err:
             raise BankError("bad_image", f"{path} is not a readable image: {err}") from err
         shots.append(ShotImage(path.name, hashlib.sha256(data).hexdigest(), pixels))
