@@ -27,58 +27,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from trainer.benchmark import commit, machine, matmul_gmacs, served_gmacs
+from trainer.benchmark import (commit, config_artifact, machine, matmul_gmacs, random_snapshot, run_in_bf16,
+                               served_gmacs, time_engine)
 
 from deploy.compile import compile_program
-from inspector.artifact import load_artifact, save_artifact
-from inspector.banks import build_snapshot
-from inspector.banks.record import BankMeta
+from inspector.artifact import load_artifact
 from inspector.engine import Engine, EngineSettings, bank_capacity
-from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
+from inspector.model import ModelConfig
 from inspector.model.bank import BANK_DTYPE
 from inspector.model.serving import ServingGraph
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
-
-
-def snapshot(model, products: int):
-    banks = {}
-    for p in range(products):
-        feats = [torch.randn(model.cfg.bank.shots, c, h, w) for c, (h, w) in zip(model.channels, model.grids)]
-        bank = build_bank(feats, model.cfg.bank.coreset).with_stats(0.0, 1.0)
-        banks[f"p{p}"] = (bank, BankMeta(f"p{p}", "", 4, [], [list(f.shape) for f in bank.features], 0.0, 1.0, "", ""))
-    return build_snapshot(1, banks, bank_capacity(model), products)
-
-
-def time_engine(engine: Engine, snap, batches, repeats: int) -> dict:
-    out = {}
-    size = engine.input_size
-    for b in batches:
-        x = np.random.default_rng(b).integers(0, 255, (b, size, size, 3), dtype=np.uint8)
-        t0 = time.perf_counter()
-        engine.infer(x, [None] * b, snap)  # warm-up (and compilation for this shape)
-        warm = time.perf_counter() - t0
-        times = []
-        for _ in range(repeats):
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            engine.infer(x, [None] * b, snap)
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-        out[str(b)] = {"batch_ms": round(1000 * t, 2), "images_per_s": round(b / t, 2), "warmup_s": round(warm, 2)}
-        print(f"[engine] {engine.backend} batch {b}: {1000 * t:.1f} ms, {b / t:.2f} img/s", file=sys.stderr)
-    return out
 
 
 def main(argv=None) -> int:
@@ -94,10 +60,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    artifact = args.artifact or default_artifact(ModelConfig(), work / "model")
+    artifact = args.artifact or config_artifact(ModelConfig(), work / "model")
     model, card = load_artifact(artifact)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    snap = snapshot(model, args.products)
+    snap = random_snapshot(model, args.products)
     variants = []
     for backend in args.backends.split(","):
         precisions = ["fp32"] + (["fp16", "bf16"] if device == "cuda" and backend in ("torch", "inductor") else [])
@@ -116,7 +82,7 @@ def main(argv=None) -> int:
         engine = Engine(*load_artifact(artifact), EngineSettings(**settings))
         if precision == "bf16":
             engine.fp16 = False
-            _wrap_bf16(engine)
+            run_in_bf16(engine)
         setup_s = time.perf_counter() - t0
         timing = time_engine(engine, snap, batches, args.repeats)
         results.append({"backend": backend, "precision": precision, "setup_s": round(setup_s, 1), "batches": timing})
@@ -138,15 +104,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def default_artifact(cfg: ModelConfig, path: Path) -> str:
-    """An artifact of ``cfg`` with the offline backbone (when present) and untrained heads."""
-    torch.manual_seed(0)
-    model = InspectionModel(cfg).eval()
-    sha = load_backbone_weights(model.backbone, WEIGHTS) if WEIGHTS.is_file() else None
-    save_artifact(model, path, sha)
-    return str(path)
-
-
 PREVIOUS_BATCH = 4
 
 
@@ -156,13 +113,13 @@ def previous_and_ratios(results: list[dict], gmac: float, work: Path, device: st
     cfg = dataclasses.replace(base, bank=dataclasses.replace(base.bank, coreset=None, images=base.bank.shots,
                                                              query_tile=None),
                               score=dataclasses.replace(base.score, scoring="flow"))
-    artifact = default_artifact(cfg, work / "previous")
+    artifact = config_artifact(cfg, work / "previous")
     model, card = load_artifact(artifact)
     engine = Engine(model, card, EngineSettings(device=device, batch_sizes=(PREVIOUS_BATCH,), products=args.products))
     full = ServingGraph(engine.model, engine.calibration, trimmed=False).eval()
     engine.runner = lambda *a: full(*a)
     engine.bank_dtype = BANK_DTYPE  # the bank reached the graph in fp16, converted on every batch
-    timing = time_engine(engine, snapshot(model, args.products), [PREVIOUS_BATCH], args.repeats)
+    timing = time_engine(engine, random_snapshot(model, args.products), [PREVIOUS_BATCH], args.repeats)
     previous_gmac = served_gmacs(model, engine.calibration, args.products, trimmed=False)
     rate = matmul_gmacs()
     print(f"[engine] matmul 4096: {rate:.1f} GMAC/s", file=sys.stderr)
@@ -183,17 +140,6 @@ def previous_and_ratios(results: list[dict], gmac: float, work: Path, device: st
         "speedup_eager_batch4": round(eager / prev, 2) if eager else None,
         "onnx_fraction_of_matmul": round(onnx * gmac / rate, 3) if onnx else None,
     }
-
-
-def _wrap_bf16(engine: Engine) -> None:
-    """Run the engine's graph under bf16 autocast (CUDA only)."""
-    run = engine.runner
-
-    def bf16(*args):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return run(*args)
-
-    engine.runner = bf16
 
 
 if __name__ == "__main__":

@@ -23,115 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import zmq
 
-from trainer.benchmark import commit, engine_throughput, machine
+from trainer.benchmark import commit, engine_throughput, machine, open_loop, serving_fixture, start_worker
 
-from inspector.artifact import load_artifact
-from inspector.banks import encode_bank, open_store
-from inspector.banks.register import read_shots, register_product
-from inspector.decode import encode_jpeg
-from inspector.testkit import default_artifact, free_port, wait_for_worker
-from inspector.wire import FrameHeader, Result, encode_frame
-from trainer.synthetic import generate_dataset
+from inspector.testkit import free_port, wait_for_worker
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
-PRODUCTS = ("tiles", "rings")
 OVERLOAD = 1.5  # offered load of the saturation run, as a multiple of engine capacity
-DRAIN_S = 30.0  # after the last send, wait this long at most for the remaining results
 READY_TIMEOUT_S = 300.0  # model load and warm-up on a slow machine
-
-
-def prepare(workdir: Path, artifact: str | None, device: str) -> tuple[Path, Path, list[bytes]]:
-    """An artifact, a file bank store with two products, and JPEG frames of both."""
-    data = generate_dataset(workdir / "data", classes=PRODUCTS, n_train=8, n_test_good=8, n_test_defect=8,
-                            size=256, seed=0)
-    if artifact is None:
-        artifact = str(default_artifact(workdir / "model", weights=WEIGHTS))
-    model, card = load_artifact(artifact)
-    store = open_store(f"file://{workdir / 'banks'}")
-    for p in PRODUCTS:
-        images = read_shots([data / p / "train" / "good"], model.input_size)
-        reg = register_product(model, card.signature, card.model_id, p, images, model.cfg.bank.images, model.cfg.bank.coreset,
-                               min_images=model.cfg.bank.shots)
-        store.put("1", encode_bank(reg.bank, reg.meta), reg.meta)
-    frames = []
-    for p in PRODUCTS:
-        for f in sorted((data / p / "test").rglob("*.png")):
-            frames.append(encode_jpeg(read_shots([f], model.input_size)[0].pixels))
-    return Path(artifact), workdir / "banks", frames
-
-
-def start_worker(artifact: Path, banks: Path, args, ingest: str, publish: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "inspector", "run", "--line", "1", "--artifact", str(artifact),
-           "--store", f"file://{banks}", "--bind", ingest, "--publish-bind", publish, "--http-port", "0",
-           "--device", args.device, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-           "--deadline-ms", "600000", "--heatmaps", "fail", "--set", f"engine.batch_sizes={args.max_batch}",
-           "--queue-size", str(args.queue_size), "--log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen(cmd, env=env)
-
-
-def one_run(push, sub, frames: list[bytes], rate: float, seconds: float, poisson: bool, tag: str) -> dict:
-    """Send at ``rate`` fps for ``seconds`` on an absolute schedule; collect every result."""
-    rng = np.random.default_rng(0)
-    n = max(1, int(rate * seconds))
-    gaps = rng.exponential(1.0 / rate, n) if poisson else np.full(n, 1.0 / rate)
-    schedule = np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
-    sent: dict[str, int] = {}
-    received: dict[str, tuple[Result, int]] = {}
-
-    def receive() -> None:
-        end = None
-        while True:
-            if sub.poll(100):
-                r, _ = Result.from_frames(sub.recv_multipart())
-                if r.frame_id.startswith(tag):
-                    received[r.frame_id] = (r, time.time_ns())
-            if len(sent) == n and end is None:
-                end = time.monotonic() + DRAIN_S
-            if end is not None and (len(received) >= n or time.monotonic() > end):
-                return
-
-    rx = threading.Thread(target=receive)
-    rx.start()
-    t0 = time.monotonic()
-    for i, at in enumerate(schedule):
-        delay = t0 + at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        fid = f"{tag}-{i}"
-        h = FrameHeader(frame_id=fid, camera="bench", ts_ns=time.time_ns(), encoding="jpeg")
-        sent[fid] = h.ts_ns
-        push.send_multipart(encode_frame(h, frames[i % len(frames)]))
-    send_s = time.monotonic() - t0
-    rx.join()
-    e2e = np.array([(done - sent[f]) / 1e6 for f, (r, done) in received.items()])
-    worker_total = np.array([r.latency_ms.total for r, _ in received.values()])
-    verdicts: dict[str, int] = {}
-    for r, _ in received.values():
-        verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
-    served = [done for r, done in received.values() if r.verdict in ("pass", "fail")]
-    span = (max(served) - min(sent.values())) / 1e9 if served else float("nan")
-    pct = lambda a, q: round(float(np.percentile(a, q)), 1) if len(a) else None  # noqa: E731
-    return {
-        "offered_fps": round(rate, 3), "arrivals": "poisson" if poisson else "periodic", "sent": n,
-        "send_seconds": round(send_s, 2), "results": len(received), "verdicts": verdicts,
-        "throughput_fps": round(len(served) / span, 3) if served else 0.0,
-        "e2e_ms": {"p50": pct(e2e, 50), "p95": pct(e2e, 95), "p99": pct(e2e, 99), "max": pct(e2e, 100)},
-        "worker_total_ms": {"p50": pct(worker_total, 50), "p99": pct(worker_total, 99)},
-        "accounted": len(received) == n,
-    }
 
 
 def main(argv=None) -> int:
@@ -147,12 +52,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency"))
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="latency-"))
-    artifact, banks, frames = prepare(work, args.artifact, args.device)
+    artifact, banks, frames = serving_fixture(work, args.artifact)
     engine = engine_throughput(artifact, f"file://{banks}", "1", args.max_batch, args.device, args.repeats)
     print(f"[latency] engine: batch {args.max_batch} in {engine['batch_seconds_median']}s -> {engine['fps']} fps",
           file=sys.stderr)
     ingest, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    proc = start_worker(artifact, banks, args, ingest, publish)
+    proc = start_worker(artifact, banks, ingest, publish, args.device, args.max_batch, args.max_delay_ms,
+                        args.queue_size)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"result.1.")
@@ -167,7 +73,7 @@ def main(argv=None) -> int:
         plan = [(float(f), poisson) for f in args.loads.split(",") for poisson in (False, True)]
         plan.append((OVERLOAD, False))
         for k, (fraction, poisson) in enumerate(plan):
-            r = one_run(push, sub, frames, fraction * engine["fps"], args.seconds, poisson, f"run{k}")
+            r = open_loop(push, sub, frames, fraction * engine["fps"], args.seconds, poisson, f"run{k}")
             r["load"] = fraction
             runs.append(r)
             print(f"[latency] load {fraction:.2f} {r['arrivals']}: p50 {r['e2e_ms']['p50']} p99 {r['e2e_ms']['p99']} ms, "
