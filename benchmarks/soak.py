@@ -9,14 +9,14 @@
    ``--size`` px (256 by default: what a line runs) with the offline ImageNet backbone when
    ``../shared/weights`` has it, and untrained heads (latency and memory do not depend on them).
 2. Measures the engine's own throughput at ``--max-batch`` (median of repeats): the capacity.
-3. Runs ``inspector run`` as a separate process and pushes JPEG frames (``inspector.camera``,
+3. Runs ``inspector run`` as a separate process and pushes JPEG frames (``inspector.tools.camera``,
    periodic, open loop) at ``--load`` x capacity for ``--minutes``; a subscriber records every
    result (the format of ``inspector tail --record``). Meanwhile, every ``--bank-every-s``
    seconds ``inspector bank add`` re-registers one of the products (alternating), and at
    ``--redis-restart-at`` of the run Redis is stopped for ``--redis-down-s`` seconds and
    started again. Every ``--sample-s`` seconds the worker's RSS (``/proc/<pid>/status`` VmRSS),
    open file descriptors (``/proc/<pid>/fd``) and threads are sampled, with its metrics.
-4. At the end: the worker is stopped with SIGTERM, and :mod:`inspector.reconcile` joins the
+4. At the end: the worker is stopped with SIGTERM, and :mod:`inspector.tools.reconcile` joins the
    send record with the subscriber's results and with the Redis results stream.
 
 Bars: after the warm-up (``--warmup-s``; by default the first five minutes of a full run, the
@@ -55,8 +55,8 @@ from inspector.artifact import load_artifact
 from inspector.testkit import RedisServer, default_artifact, free_port, wait_for_worker
 from inspector.banks import encode_bank, open_store
 from inspector.banks.register import read_shots, register_product
-from inspector.camera import CameraConfig, FrameSource, publish_frames
-from inspector.reconcile import read_result_records, read_result_stream, read_sent, reconcile, stream_key
+from inspector.tools.camera import CameraConfig, FrameSource, publish_frames
+from inspector.tools.reconcile import read_result_records, read_result_stream, read_sent, reconcile, stream_key
 from inspector.wire import Result
 from trainer.synthetic import generate_dataset
 

@@ -18,7 +18,7 @@ from deploy.cli import add_install_parser, cmd_install
 
 from .cli_compile import add_compile_parser, cmd_compile
 from .cli_run import add_run_parser, cmd_run
-from .reconcile import add_reconcile_parser, cmd_reconcile
+from .tools.reconcile import add_reconcile_parser, cmd_reconcile
 from .cli_archive import add_archive_parser, cmd_archive
 from .cli_stream import STREAM_COMMANDS, add_stream_parsers
 

@@ -1,7 +1,7 @@
 """``inspector publish`` (camera simulator) and ``inspector tail`` (live view of results).
 
-Both commands parse, build, call and print; the logic lives in :mod:`inspector.camera` and
-:mod:`inspector.tail`. A usage error (an empty image folder, an unknown product, a bad flag
+Both commands parse, build, call and print; the logic lives in :mod:`inspector.tools.camera` and
+:mod:`inspector.tools.tail`. A usage error (an empty image folder, an unknown product, a bad flag
 value) prints one line on stderr and returns exit code 2.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 import zmq
 
-from .camera import (
+from .tools.camera import (
     DEFAULT_CAMERA,
     DEFAULT_RATE_FPS,
     DEFAULT_SEND_TIMEOUT_MS,
@@ -25,10 +25,10 @@ from .camera import (
     PublishSummary,
     publish_frames,
 )
-from .camera import DEFAULT_CONNECT as CAMERA_CONNECT
+from .tools.camera import DEFAULT_CONNECT as CAMERA_CONNECT
 from .decode import DEFAULT_JPEG_QUALITY
-from .tail import DEFAULT_RCVHWM, DEFAULT_WINDOW, TailConfig, run_tail
-from .tail import DEFAULT_CONNECT as TAIL_CONNECT
+from .tools.tail import DEFAULT_RCVHWM, DEFAULT_WINDOW, TailConfig, run_tail
+from .tools.tail import DEFAULT_CONNECT as TAIL_CONNECT
 from .wire import ENCODINGS
 
 EXIT_OK = 0

@@ -19,7 +19,7 @@ import pytest
 import zmq
 from PIL import Image
 
-from inspector.camera import (
+from inspector.tools.camera import (
     CameraConfig,
     FrameSource,
     Pacer,
@@ -30,7 +30,7 @@ from inspector.camera import (
 )
 from inspector.cli_stream import STREAM_COMMANDS, add_stream_parsers
 from inspector.decode import decode_image, encode_heatmap
-from inspector.tail import NO_PRODUCT, ResultStats, collect_results, subscription, summarize
+from inspector.tools.tail import NO_PRODUCT, ResultStats, collect_results, subscription, summarize
 from inspector.testkit import free_port
 from inspector.wire import HeatmapInfo, Latency, Result, WireError, parse_frame
 

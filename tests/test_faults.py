@@ -32,11 +32,11 @@ from inspector.artifact import backbone_info, backbone_signature, load_artifact
 from inspector.banks import FileStore, encode_bank, open_store
 from inspector.banks.record import read_meta
 from inspector.banks.register import ShotImage, register_product
-from inspector.camera import CameraConfig, FrameSource, publish_frames
+from inspector.tools.camera import CameraConfig, FrameSource, publish_frames
 from inspector.config import LogConfig
 from inspector.decode import decode_heatmap, encode_heatmap, encode_jpeg
 from inspector.logs import configure_logging
-from inspector.reconcile import (
+from inspector.tools.reconcile import (
     main as reconcile_main,
     read_result_records,
     read_result_stream,
@@ -44,7 +44,7 @@ from inspector.reconcile import (
     reconcile,
     stream_key,
 )
-from inspector.tail import write_records
+from inspector.tools.tail import write_records
 from inspector.wire import FrameHeader, Result, encode_frame
 
 from .conftest import REPO, free_port

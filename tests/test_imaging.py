@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from inspector.banks.register import read_shots
-from inspector.camera import encode_payload, load_rgb
+from inspector.tools.camera import encode_payload, load_rgb
 from inspector.decode import DecodeError, decode_file, draft_side, load_image_file, resize_square
 from inspector.ingest import prepare
 from inspector.wire import FrameHeader, WireLimits

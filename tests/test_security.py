@@ -32,12 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inspector.banks import open_store
-from inspector.camera import Camera, CameraConfig, FrameSource
+from inspector.tools.camera import Camera, CameraConfig, FrameSource
 from inspector.config import HttpConfig, IngestConfig, PublishConfig, load_config
 from inspector.decode import encode_jpeg, encode_png
 from inspector.metrics import HealthServer, WorkerMetrics
 from inspector.security import curve_client_configurer, peer_limits
-from inspector.tail import Tail
+from inspector.tools.tail import Tail
 from inspector.wire import CHANNELS, ENCODINGS, Result
 from inspector.worker import Worker
 

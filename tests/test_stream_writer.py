@@ -16,7 +16,7 @@ import redis
 
 from inspector.metrics import WorkerMetrics
 from inspector.publish import StreamWriter
-from inspector.reconcile import read_result_stream
+from inspector.tools.reconcile import read_result_stream
 from inspector.wire import Result
 
 WAIT_S = 10.0  # bounds a broken writer; each wait ends as soon as its event happens

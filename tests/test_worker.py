@@ -355,8 +355,8 @@ def test_bad_artifact_is_a_clear_startup_error(tmp_path) -> None:
 
 def test_camera_simulator_and_tail_with_the_worker(line, tmp_path) -> None:
     """``inspector publish``'s camera feeds the worker; the tail's summary accounts for every frame."""
-    from inspector.camera import CameraConfig, FrameSource, publish_frames
-    from inspector.tail import summarize
+    from inspector.tools.camera import CameraConfig, FrameSource, publish_frames
+    from inspector.tools.tail import summarize
 
     ln = line()
     record = tmp_path / "sent.jsonl"

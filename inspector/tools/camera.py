@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence, TextIO
 import numpy as np
 import zmq
 
-from .decode import DEFAULT_JPEG_QUALITY, encode_jpeg, encode_png, load_image_file
-from .security import optional_client_configurer
-from .wire import CAMERA_PATTERN, ENCODINGS, FrameHeader, encode_frame
+from ..decode import DEFAULT_JPEG_QUALITY, encode_jpeg, encode_png, load_image_file
+from ..security import optional_client_configurer
+from ..wire import CAMERA_PATTERN, ENCODINGS, FrameHeader, encode_frame
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"  # the worker's default ingest endpoint (IngestConfig.bind)
 DEFAULT_CAMERA = "cam0"

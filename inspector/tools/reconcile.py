@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .keys import results_key
+from ..keys import results_key
 
 EXIT_OK = 0
 EXIT_UNACCOUNTED = 1
@@ -200,8 +200,8 @@ def add_reconcile_parser(sub: argparse._SubParsersAction) -> None:
 def _stream_results(args: argparse.Namespace) -> list[Mapping[str, Any] | None]:
     import os
 
-    from .banks import open_configured_store
-    from .config import default_config_path, load_config
+    from ..banks import open_configured_store
+    from ..config import default_config_path, load_config
 
     if not args.line:
         raise ValueError("give --results FILE, or --line (and --store) to read the line's Redis results stream")
@@ -214,7 +214,7 @@ def _stream_results(args: argparse.Namespace) -> list[Mapping[str, Any] | None]:
         raise ValueError("the results stream lives in Redis: the line's store is not redis:// (use --results)")
     import redis
 
-    from .banks import StoreError
+    from ..banks import StoreError
 
     store = open_configured_store(b)
     try:
@@ -244,7 +244,7 @@ def format_report(rec: Reconciliation, show: int = DEFAULT_SHOW) -> str:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Print the reconciliation; 0 when every frame has exactly one result, 1 when not, 2 on errors."""
-    from .banks import StoreError
+    from ..banks import StoreError
 
     try:
         sent = read_sent(args.sent)
@@ -258,7 +258,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m inspector.reconcile``: the same as ``inspector reconcile``."""
+    """``python -m inspector.tools.reconcile``: the same as ``inspector reconcile``."""
     parser = argparse.ArgumentParser(prog="inspector reconcile", description=__doc__.splitlines()[0])
     configure_parser(parser)
     return cmd_reconcile(parser.parse_args(argv))

@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterable, TextIO
 import numpy as np
 import zmq
 
-from .decode import decode_heatmap
-from .security import optional_client_configurer
-from .wire import VERDICTS, Result, WireError
+from ..decode import decode_heatmap
+from ..security import optional_client_configurer
+from ..wire import VERDICTS, Result, WireError
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5556"  # the worker's default result endpoint (PublishConfig.bind)
 TOPIC_ROOT = "result."
