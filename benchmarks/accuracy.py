@@ -20,7 +20,8 @@ from pathlib import Path
 
 from inspector.artifact import load_artifact
 from inspector.banks.normal import METHODS
-from inspector.cli import coreset_arg, format_summary
+from inspector.cli.bank import coreset_arg
+from inspector.cli.train import format_summary
 from inspector.model import ModelConfig, ScoreConfig
 from inspector.model.bank import describe_coreset
 from inspector.model.config import CALIBRATION_MODES, CONSTRAINTORS, SCORINGS

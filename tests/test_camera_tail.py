@@ -28,7 +28,7 @@ from inspector.tools.camera import (
     folder_truth,
     publish_frames,
 )
-from inspector.cli_stream import STREAM_COMMANDS, add_stream_parsers
+from inspector.cli.stream import STREAM_COMMANDS, add_stream_parsers
 from inspector.decode import decode_image, encode_heatmap
 from inspector.tools.tail import NO_PRODUCT, ResultStats, collect_results, subscription, summarize
 from inspector.testkit import free_port

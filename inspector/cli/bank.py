@@ -17,7 +17,7 @@ from pathlib import Path
 
 def coreset_arg(text: str):
     """argparse type of ``--coreset``: one cap, one per level, or ``all``."""
-    from .model.bank import parse_coreset
+    from ..model.bank import parse_coreset
 
     try:
         return parse_coreset(text)
@@ -91,7 +91,7 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .config import default_config_path, load_config
+    from ..config import default_config_path, load_config
 
     path = args.config
     if path is None and default_config_path(args.line).is_file():
@@ -103,14 +103,14 @@ def _config(args: argparse.Namespace):
 
 
 def _store(cfg):
-    from .banks import open_configured_store
+    from ..banks import open_configured_store
 
     return open_configured_store(cfg.banks)
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
-    from .artifact import ArtifactError
-    from .banks import BankError, NotFound, StoreError
+    from ..artifact import ArtifactError
+    from ..banks import BankError, NotFound, StoreError
 
     try:
         cfg = _config(args)
@@ -128,7 +128,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 
 def _load_model(cfg):
-    from .artifact import load_artifact
+    from ..artifact import load_artifact
 
     if not cfg.engine.artifact:
         raise ValueError("no model artifact: pass --artifact or set engine.artifact in the line config")
@@ -136,12 +136,12 @@ def _load_model(cfg):
 
 
 def _add(args, cfg, store) -> int:
-    from .banks import BankError, encode_bank
-    from .banks.register import read_shots, register_product
+    from ..banks import BankError, encode_bank
+    from ..banks.register import read_shots, register_product
 
-    from .banks.watcher import over_capacity
-    from .engine import bank_capacity, bank_vectors
-    from .model.bank import describe_coreset, level_caps
+    from ..banks.watcher import over_capacity
+    from ..engine import bank_capacity, bank_vectors
+    from ..model.bank import describe_coreset, level_caps
 
     t0 = time.perf_counter()
     model, card = _load_model(cfg)
@@ -186,7 +186,7 @@ def _add(args, cfg, store) -> int:
 
 def _refuse_over_capacity(over, capacity, card_images: int) -> None:
     """``bank_too_large`` naming each level ``(level, vectors, capacity)`` that does not fit."""
-    from .banks import BankError
+    from ..banks import BankError
 
     if over:
         raise BankError("bank_too_large", "the bank would not fit the model's compiled capacity ("
@@ -197,8 +197,8 @@ def _refuse_over_capacity(over, capacity, card_images: int) -> None:
 
 def _archived_frames(args) -> list:
     """The archived model inputs of ``--archived`` frame ids, each checked to be this product's."""
-    from .archive import FRAME_FILE, find_entry
-    from .banks import BankError
+    from ..archive import FRAME_FILE, find_entry
+    from ..banks import BankError
 
     if not args.good and not args.archived:
         raise BankError("no_images", "give confirmed-good images with --good or archived frames with --archived")
@@ -221,10 +221,10 @@ def _archived_frames(args) -> list:
 def _feedback(args, cfg, store) -> int:
     import numpy as np
 
-    from .banks import BankError, decode_bank
-    from .banks.feedback import confirm_good
-    from .banks.normal import calibrated
-    from .banks.register import extract, raw_scores_against, read_shots
+    from ..banks import BankError, decode_bank
+    from ..banks.feedback import confirm_good
+    from ..banks.normal import calibrated
+    from ..banks.register import extract, raw_scores_against, read_shots
 
     model, card = _load_model(cfg)
     images = read_shots([*args.good, *_archived_frames(args)], model.input_size)
@@ -266,8 +266,8 @@ def _list(args, cfg, store) -> int:
 
 
 def _show(args, cfg, store) -> int:
-    from .banks.normal import NormalStats
-    from .model.bank import describe_coreset
+    from ..banks.normal import NormalStats
+    from ..model.bank import describe_coreset
 
     meta = store.meta(args.line, args.product, args.version)
     versions = store.versions(args.line, args.product)
@@ -321,7 +321,7 @@ def _remove(args, cfg, store) -> int:
 
 
 def _export(args, cfg, store) -> int:
-    from .banks import decode_bank
+    from ..banks import decode_bank
 
     blob = store.blob(args.line, args.product, args.version)
     _, meta = decode_bank(blob)  # never export a damaged bank
@@ -336,12 +336,12 @@ def _export(args, cfg, store) -> int:
 def _import(args, cfg, store) -> int:
     import dataclasses
 
-    from .banks import BankError, decode_bank, encode_bank
+    from ..banks import BankError, decode_bank, encode_bank
 
     blob = Path(args.file).read_bytes()
     signature = None
     if cfg.engine.artifact:
-        from .artifact import read_card
+        from ..artifact import read_card
 
         signature = read_card(cfg.engine.artifact).signature
     bank, meta = decode_bank(blob, signature)

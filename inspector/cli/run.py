@@ -61,8 +61,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import json
 
-    from .config import ConfigError, default_config_path, load_config, redacted
-    from .logs import configure_logging, get_logger
+    from ..config import ConfigError, default_config_path, load_config, redacted
+    from ..logs import configure_logging, get_logger
 
     overrides = {field: getattr(args, flag) for flag, field in RUN_FLAGS.items() if getattr(args, flag) is not None}
     for item in args.set:
@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_STARTUP_FAILED
     configure_logging(cfg.log)
     log = get_logger("inspector.run", line=cfg.line)
-    from .worker import Worker
+    from ..worker import Worker
 
     worker = Worker(cfg)
     try:

@@ -1,26 +1,15 @@
-"""``inspector``: one thin command line: train, evaluate, register products, serve a line, demo.
-
-Each command parses, builds, calls and prints; the logic lives in ``inspector`` and ``trainer``.
-"""
+"""``inspector train``, ``inspector eval`` and ``inspector synth``: the trainer's commands. Each
+parses, builds, calls and prints; the logic lives in ``trainer``, imported only when one runs."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
-from .cli_bank import add_bank_parser, cmd_bank, coreset_arg
-from deploy.cli import add_install_parser, cmd_install
-
-from .cli_compile import add_compile_parser, cmd_compile
-from .cli_run import add_run_parser, cmd_run
-from .tools.reconcile import add_reconcile_parser, cmd_reconcile
-from .cli_archive import add_archive_parser, cmd_archive
-from .cli_stream import STREAM_COMMANDS, add_stream_parsers
+from .bank import coreset_arg
 
 DEFAULT_WEIGHTS_ENV = "INSPECTOR_BACKBONE_WEIGHTS"
 SHARED_WEIGHTS = Path("shared/weights/resnet18-imagenet1k-l1-l3.safetensors")
@@ -37,23 +26,6 @@ def find_weights(explicit: str | None) -> str | None:
         if candidate.is_file():
             return str(candidate)
     return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inspector", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub.add_parser("train", help="fit a model on source classes and write an artifact"))
-    _add_eval(sub.add_parser("eval", help="evaluate an artifact on unseen target classes"))
-    _add_synth(sub.add_parser("synth", help="write a synthetic MVTec-layout dataset"))
-    _add_demo(sub.add_parser("demo", help="the whole product on generated data: fit, register, serve, stream, add a product live"))
-    add_bank_parser(sub)
-    add_run_parser(sub)
-    add_stream_parsers(sub)
-    add_compile_parser(sub)
-    add_install_parser(sub)
-    add_reconcile_parser(sub)
-    add_archive_parser(sub)
-    return parser
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -138,21 +110,9 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="inspector-demo", help="folder for data, model, banks, heatmaps and summary")
-    p.add_argument("--weights", help="backbone safetensors (found automatically if present)")
-    p.add_argument("--steps", type=int, default=150, help="flow training steps (with --select-scoring)")
-    p.add_argument("--select-scoring", action="store_true",
-                   help="fit the flows with each source product held out and ship them only if they beat the "
-                        "distance, as inspector train does (several minutes on 2 cores)")
-    p.add_argument("--frames", type=int, default=240, help="frames streamed to the worker")
-    p.add_argument("--rate", type=float, default=6.0, help="frames per second sent")
-    p.add_argument("--quiet", action="store_true")
-
-
 def model_config_from(args: argparse.Namespace):
     """The model configuration with the flags that were given applied."""
-    from .model import ModelConfig
+    from ..model import ModelConfig
 
     cfg = ModelConfig()
     if args.input_size:
@@ -234,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if per_class:
         print("  held-out good images at the shipped threshold: " + ", ".join(
             f"{c} median {s['median']:.2f}, p99 {s['p99']:.2f}, FRR {s['false_reject_rate']:.1%}" for c, s in per_class.items()))
-    print(f"  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t["seconds"].items()))
+    print("  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t["seconds"].items()))
     return 0
 
 
@@ -242,8 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import EvalConfig, evaluate
     from trainer.train import parse_classes
 
-    from .artifact import load_artifact
-    from .model.bank import level_caps
+    from ..artifact import load_artifact
+    from ..model.bank import level_caps
 
     model, card = load_artifact(args.artifact)
     bank = {k: v for k, v in (("images", args.bank_images), ("coreset", args.coreset)) if v is not None}
@@ -329,26 +289,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(Path(args.out), find_weights(args.weights), args.steps, progress=not args.quiet,
-                    frames=args.frames, rate=args.rate, select=args.select_scoring)
-
-
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "demo": cmd_demo, "bank": cmd_bank,
-            "run": cmd_run, "compile": cmd_compile, "install": cmd_install,
-            "reconcile": cmd_reconcile, "archive": cmd_archive, **STREAM_COMMANDS}
+def add_trainer_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``eval`` and ``synth`` to the command line's subcommands."""
+    _add_train(sub.add_parser("train", help="fit a model on source classes and write an artifact"))
+    _add_eval(sub.add_parser("eval", help="evaluate an artifact on unseen target classes"))
+    _add_synth(sub.add_parser("synth", help="write a synthetic MVTec-layout dataset"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+TRAINER_COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth}

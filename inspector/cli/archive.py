@@ -29,7 +29,7 @@ def add_archive_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from .archive import export_entries, find_entry, list_entries
+    from ..archive import export_entries, find_entry, list_entries
 
     root = Path(args.dir)
     if not root.is_dir():

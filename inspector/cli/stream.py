@@ -13,7 +13,7 @@ import sys
 
 import zmq
 
-from .tools.camera import (
+from ..tools.camera import (
     DEFAULT_CAMERA,
     DEFAULT_RATE_FPS,
     DEFAULT_SEND_TIMEOUT_MS,
@@ -25,11 +25,11 @@ from .tools.camera import (
     PublishSummary,
     publish_frames,
 )
-from .tools.camera import DEFAULT_CONNECT as CAMERA_CONNECT
-from .decode import DEFAULT_JPEG_QUALITY
-from .tools.tail import DEFAULT_RCVHWM, DEFAULT_WINDOW, TailConfig, run_tail
-from .tools.tail import DEFAULT_CONNECT as TAIL_CONNECT
-from .wire import ENCODINGS
+from ..tools.camera import DEFAULT_CONNECT as CAMERA_CONNECT
+from ..decode import DEFAULT_JPEG_QUALITY
+from ..tools.tail import DEFAULT_RCVHWM, DEFAULT_WINDOW, TailConfig, run_tail
+from ..tools.tail import DEFAULT_CONNECT as TAIL_CONNECT
+from ..wire import ENCODINGS
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # argparse's own code for a usage error
