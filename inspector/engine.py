@@ -7,20 +7,19 @@ passed per call, so a bank swap takes effect between two batches and never insid
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .artifact import ModelCard
+from .backends import ProgramKey, backend, make_runner, runtime_version
 from .banks.watcher import BankSnapshot
 from .model import InspectionModel, verdicts
-from .model.bank import BANK_DTYPE, level_caps
+from .model.bank import level_caps
 from .model.config import CALIBRATION_MODES
-from .model.serving import ServingGraph, input_names
 from .wire import ANOMALY, NO_PRODUCTS, UNKNOWN_PRODUCT
 
 
@@ -51,107 +50,6 @@ def bank_capacity(model: InspectionModel) -> tuple[int, ...]:
     """Vectors per level a bank may hold: every position of the bank's most ``images``, or the
     coreset cap of that level."""
     return bank_vectors(model, model.cfg.bank.images, model.cfg.bank.coreset)
-
-
-@dataclass(frozen=True)
-class ProgramKey:
-    """What a compiled program was built for; the worker refuses any difference."""
-
-    model_id: str
-    backend: str
-    precision: str
-    batch_min: int
-    batch_max: int
-    capacity: list[int]
-    products: int
-    calibration: str
-    input_size: int
-    device: str
-    runtime: str
-    bank_dtype: str = "float16"  # the bank inputs' dtype (keys written before it was recorded: the stored fp16)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def read(cls, path: Path) -> "ProgramKey":
-        side = path.with_suffix(".json")
-        if not side.is_file():
-            raise ValueError(f"compiled program {path} has no key file {side}: rebuild it with inspector compile")
-        try:
-            return cls(**json.loads(side.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{side} is not a valid program key ({err}): rebuild it with inspector compile") from err
-
-
-def runtime_version(backend: str) -> str:
-    """The runtime a program of ``backend`` is bound to (a different one needs a rebuild)."""
-    if backend == "onnx":
-        import onnxruntime
-
-        return f"onnxruntime {onnxruntime.__version__}"
-    if backend == "tensorrt":
-        import tensorrt  # noqa: F401  (present wherever torch-tensorrt is)
-        import torch_tensorrt
-
-        return f"tensorrt {tensorrt.__version__}, torch-tensorrt {torch_tensorrt.__version__}"
-    return f"torch {torch.__version__}"
-
-
-PROGRAM_SUFFIX = {"onnx": ".onnx", "tensorrt": ".ep"}
-# The dtype each backend takes the bank tensors in. The engine converts a snapshot's (stored fp16)
-# banks to it once, when the snapshot comes into service, not in the graph on every batch: fp32 for
-# eager, inductor and ONNX; TensorRT programs take the stored fp16 and convert inside the engine
-# they build. A compiled program's key records the dtype it was built for.
-PROGRAM_BANK_DTYPE = {"torch": torch.float32, "inductor": torch.float32, "onnx": torch.float32, "tensorrt": BANK_DTYPE}
-
-
-def default_program_path(artifact: str | Path, backend: str, precision: str) -> Path:
-    return Path(artifact) / "compiled" / f"{backend}-{precision}{PROGRAM_SUFFIX[backend]}"
-
-
-Runner = Callable[..., Sequence]
-
-
-def make_runner(backend: str, model: InspectionModel, calibration: str, program: Path | None,
-                device: str = "cpu") -> Runner:
-    """A callable ``(images, hint, prototypes, stats, *levels) -> Inspection fields`` for a backend."""
-    if backend == "torch":
-        graph = ServingGraph(model, calibration).eval()
-        return lambda *args: graph(*args)
-    if backend == "inductor":
-        graph = torch.compile(ServingGraph(model, calibration).eval(), dynamic=True)
-        return lambda *args: graph(*args)
-    if backend == "onnx":
-        return _onnx_runner(program, len(model.channels))
-    if backend == "tensorrt":
-        return _tensorrt_runner(program)
-    raise ValueError(f"engine.backend must be torch, inductor, onnx or tensorrt, got {backend!r}")
-
-
-def _onnx_runner(program: Path, levels: int) -> Runner:
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ValueError("engine.backend onnx needs onnxruntime: install the `onnx` extra") from err
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    session = ort.InferenceSession(str(program), providers=providers)
-    names = input_names(levels)
-
-    def run(*args: torch.Tensor) -> list[torch.Tensor]:
-        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
-        return [torch.from_numpy(o) for o in session.run(None, feed)]
-
-    return run
-
-
-def _tensorrt_runner(program: Path) -> Runner:
-    try:
-        import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the program calls)
-    except ImportError as err:
-        raise ValueError("engine.backend tensorrt needs torch-tensorrt: install the `tensorrt` extra") from err
-    module = torch.export.load(str(program)).module()
-    return lambda *args: module(*(a.cuda() for a in args))
 
 
 @dataclass(frozen=True)
@@ -211,8 +109,8 @@ class Engine:
         self._bank_device: tuple[BankSnapshot, object] | None = None
         self.backend = settings.backend
         self.program = None
-        self.bank_dtype = PROGRAM_BANK_DTYPE.get(settings.backend, torch.float32)
-        if settings.backend in ("onnx", "tensorrt"):
+        self.bank_dtype = backend(settings.backend).bank_dtype
+        if backend(settings.backend).suffix is not None:  # a saved program: checked against its key
             self.program, key = self._checked_program(settings)
             self.bank_dtype = getattr(torch, key.bank_dtype)
         self.runner = make_runner(settings.backend, self.model, self.calibration, self.program, str(self.device))
@@ -252,7 +150,7 @@ class Engine:
 
     def _bank(self, snapshot: BankSnapshot):
         """The snapshot's tensors on the engine's device, in the backend's bank dtype
-        (``PROGRAM_BANK_DTYPE``), moved and converted once per snapshot.
+        (``inspector.backends``), moved and converted once per snapshot.
 
         The cache holds the snapshot itself and compares identity: an ``id()`` could be reused by
         a new snapshot once the old one is freed, which would serve a stale bank.

@@ -11,13 +11,13 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from deploy.compile import compile_program, example_inputs
+from deploy.compile import compile_program
+from inspector.backends import example_inputs
 from inspector.artifact import load_artifact, save_artifact
 from inspector.banks import build_snapshot
 from inspector.banks.record import BankMeta

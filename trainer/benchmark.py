@@ -123,7 +123,7 @@ def served_gmacs(model: InspectionModel, calibration: str, products: int = 2, tr
     ``trimmed`` as for ``ServingGraph``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from deploy.compile import example_inputs
+    from inspector.backends import example_inputs
     from inspector.model.serving import ServingGraph
 
     graph = ServingGraph(model, calibration, trimmed).eval()
