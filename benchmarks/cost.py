@@ -27,7 +27,7 @@ from trainer.benchmark import commit, machine, matmul_gmacs, served_gmacs
 
 from inspector.artifact import load_artifact
 from inspector.cli import coreset_arg
-from inspector.engine import bank_capacity
+from inspector.model.bank import bank_capacity
 from inspector.model import Analysis, InspectionModel, ModelConfig, build_bank, stack_banks
 
 

@@ -39,7 +39,8 @@ from trainer.benchmark import (commit, config_artifact, machine, matmul_gmacs, r
 
 from deploy.compile import compile_program
 from inspector.artifact import load_artifact
-from inspector.engine import Engine, EngineSettings, bank_capacity
+from inspector.worker.engine import Engine, EngineSettings
+from inspector.model.bank import bank_capacity
 from inspector.model import ModelConfig
 from inspector.model.bank import BANK_DTYPE
 from inspector.model.serving import ServingGraph

@@ -43,7 +43,8 @@ from trainer.benchmark import (commit, config_artifact, machine, random_snapshot
                                time_engine)
 
 from inspector.artifact import load_artifact
-from inspector.engine import Engine, EngineSettings, bank_capacity
+from inspector.worker.engine import Engine, EngineSettings
+from inspector.model.bank import bank_capacity
 from inspector.model import ModelConfig
 from inspector.model.serving import ServingGraph
 

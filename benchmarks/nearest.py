@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from trainer.benchmark import commit, machine
 
-from inspector.engine import bank_capacity
+from inspector.model.bank import bank_capacity
 from inspector.model import InspectionModel, ModelConfig
 from inspector.model.bank import BANK_DTYPE, nearest_neighbours
 

@@ -19,7 +19,7 @@ import torch
 from inspector.artifact import ModelCard, load_artifact
 from inspector.backends import (BACKENDS, CompileError, ProgramKey, default_program_path, example_inputs,
                                 make_runner, runtime_version)
-from inspector.engine import bank_capacity
+from inspector.model.bank import bank_capacity
 from inspector.model import InspectionModel
 from inspector.model.serving import ServingGraph
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
-from .batcher import OVERLOAD_POLICIES
+from .worker.batcher import OVERLOAD_POLICIES
 from .keys import DEFAULT_PREFIX
 # the line goes into Redis keys, ZMQ topics and every result header: one pattern for all of them
 from .wire import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, LINE_PATTERN, MAX_HEADER_BYTES, MIB,
@@ -225,7 +225,7 @@ def _unit_interval(value: float) -> str | None:
 
 @dataclass(frozen=True)
 class ArchiveConfig:
-    """The failed-frame archive (``inspector.archive``): off unless ``dir`` is set."""
+    """The failed-frame archive (``inspector.worker.archive``): off unless ``dir`` is set."""
 
     dir: str | None = _opt(None, _non_empty)
     max_mb: float = _opt(DEFAULT_ARCHIVE_MAX_MB, _positive)
@@ -236,7 +236,7 @@ class ArchiveConfig:
 
 @dataclass(frozen=True)
 class LiveConfig:
-    """The live line page on the HTTP server (``inspector.live``): what it keeps, and whether its
+    """The live line page on the HTTP server (``inspector.worker.live``): what it keeps, and whether its
     "this part is good" action may change a product's statistics (off: whoever reaches the HTTP
     bind could otherwise confirm parts)."""
 

@@ -15,7 +15,7 @@ Every key of a line starts with ``<prefix>:line:<L>`` (prefix configurable, defa
     <prefix>:line:<L>:heartbeat                       the worker's status JSON, with a TTL
 
 The bank store (``inspector.banks.stores``), the worker's results stream and heartbeat
-(``inspector.publish``) and the reconciliation tool (``inspector.tools.reconcile``) all build their keys
+(``inspector.worker.publish``) and the reconciliation tool (``inspector.tools.reconcile``) all build their keys
 here.
 """
 

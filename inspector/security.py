@@ -21,7 +21,7 @@ from typing import Callable
 
 import zmq
 
-from .ingest import OVERSIZE_FACTOR
+from .worker.ingest import OVERSIZE_FACTOR
 
 Configure = Callable[[zmq.Socket], None]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inspector.archive import TMP_PREFIX, Archive, entry_name, list_entries, scan
+from inspector.worker.archive import TMP_PREFIX, Archive, entry_name, list_entries, scan
 from inspector.cli import main
 from inspector.wire import Result
 
@@ -100,7 +100,7 @@ def test_a_full_disk_costs_entries_only(tmp_path: Path) -> None:
         import json, resource, signal, sys, time
         import numpy as np
         sys.path.insert(0, {str(REPO)!r})
-        from inspector.archive import Archive
+        from inspector.worker.archive import Archive
         from tests.test_archive import PIXELS, HEAT, result
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

@@ -18,9 +18,9 @@ import torch
 
 from inspector.artifact import load_artifact, save_artifact
 from inspector.banks import BankWatcher, open_store
-from inspector.banks.register import to_model_input
+from inspector.decode import file_to_model_input
 from inspector.cli import main
-from inspector.engine import Engine, EngineSettings
+from inspector.worker.engine import Engine, EngineSettings
 from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
 from trainer.synthetic import generate_dataset
 
@@ -54,7 +54,7 @@ def line(tmp_path_factory):
 
 def frames(data: Path, product: str) -> np.ndarray:
     files = sorted((data / product / "test").rglob("*.png"))
-    return np.stack([to_model_input(f.read_bytes(), SIZE) for f in files])
+    return np.stack([file_to_model_input(f.read_bytes(), SIZE) for f in files])
 
 
 def add(store_url: str, artifact: Path, data: Path, product: str) -> None:

@@ -23,7 +23,8 @@ from inspector.banks import build_snapshot
 from inspector.banks.record import BankMeta
 from inspector.banks.register import read_shots, extract
 from inspector.cli import main
-from inspector.engine import Engine, EngineSettings, ProgramKey, bank_capacity
+from inspector.worker.engine import Engine, EngineSettings, ProgramKey
+from inspector.model.bank import bank_capacity
 from inspector.model import InspectionModel, ModelConfig, build_bank, load_backbone_weights
 
 from .conftest import REAL_DATA, REAL_WEIGHTS, REPO, require_real
@@ -149,7 +150,7 @@ def test_tensorrt_compile_without_tensorrt_is_a_clear_error(capsys, tmp_path) ->
 
 def test_optional_backends_are_not_imported_eagerly() -> None:
     """Importing the CLI, worker and engine must not pull in onnxruntime or torch-tensorrt."""
-    code = ("import sys; import inspector.cli, inspector.worker, inspector.engine, deploy.compile; "
+    code = ("import sys; import inspector.cli, inspector.worker.loop, inspector.worker.engine, deploy.compile; "
             "bad = [m for m in ('onnxruntime', 'torch_tensorrt', 'tensorrt') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import zmq
 
-import inspector.publish as publish_module
+import inspector.worker.publish as publish_module
 from inspector.artifact import backbone_info, backbone_signature, load_artifact
 from inspector.banks import FileStore, encode_bank, open_store
 from inspector.banks.record import read_meta

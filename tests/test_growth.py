@@ -236,9 +236,9 @@ def test_a_registration_during_a_rebuild_wins(tmp_path) -> None:
     import structlog
 
     from inspector.banks import decode_bank, open_store
-    from inspector.calibration import LineCalibration
+    from inspector.worker.calibration import LineCalibration
     from inspector.config import CalibrationConfig
-    from inspector.metrics import WorkerMetrics
+    from inspector.worker.metrics import WorkerMetrics
 
     from .test_selfcal import LINE
 
@@ -275,10 +275,11 @@ def test_real_frames_grow_a_bank_that_scores_good_parts_lower(tmp_path) -> None:
     from inspector.banks import decode_bank, encode_bank, open_store
     from inspector.banks.register import read_shots, register_product
     from inspector.banks.watcher import build_snapshot
-    from inspector.calibration import LineCalibration
+    from inspector.worker.calibration import LineCalibration
     from inspector.config import CalibrationConfig
-    from inspector.engine import Engine, EngineSettings, bank_capacity
-    from inspector.metrics import WorkerMetrics
+    from inspector.worker.engine import Engine, EngineSettings
+    from inspector.model.bank import bank_capacity
+    from inspector.worker.metrics import WorkerMetrics
 
     root = require_real(REAL_DATA) / "ball_screw"
     cfg = ModelConfig()

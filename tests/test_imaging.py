@@ -16,7 +16,7 @@ from PIL import Image
 from inspector.banks.register import read_shots
 from inspector.tools.camera import encode_payload, load_rgb
 from inspector.decode import DecodeError, decode_file, draft_side, load_image_file, resize_square
-from inspector.ingest import prepare
+from inspector.worker.ingest import prepare
 from inspector.wire import FrameHeader, WireLimits
 from trainer.data import load_image
 

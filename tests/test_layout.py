@@ -29,7 +29,7 @@ def test_benchmarks_import_the_project_never_each_other() -> None:
 def test_the_worker_runtime_never_imports_the_trainer() -> None:
     """``inspector run`` loads the worker, the engine and the stores; none of them pulls in the
     trainer (fitting code, datasets) at start-up."""
-    code = ("import sys, inspector.worker, inspector.engine, inspector.cli.run, inspector.banks.register; "
+    code = ("import sys, inspector.worker.loop, inspector.worker.engine, inspector.cli.run, inspector.banks.register; "
             "print(sorted(m for m in sys.modules if m == 'trainer' or m.startswith('trainer.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout

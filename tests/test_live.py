@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from inspector.banks import open_store
-from inspector.live import FeedbackError, LiveState
+from inspector.worker.live import FeedbackError, LiveState
 from inspector.wire import Latency, Result
 
 from .conftest import REPO

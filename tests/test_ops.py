@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inspector.config import HttpConfig, LogConfig, WorkerConfig, load_config
 from inspector.logs import configure_logging, get_logger
-from inspector.metrics import HealthServer, WorkerMetrics
-from inspector.notify import Notifier
+from inspector.worker.metrics import HealthServer, WorkerMetrics
+from inspector.worker.notify import Notifier
 
 SECRET = "s3cr3t-Passw0rd"
 STALE_AFTER_S = 5.0

@@ -35,11 +35,11 @@ from inspector.banks import open_store
 from inspector.tools.camera import Camera, CameraConfig, FrameSource
 from inspector.config import HttpConfig, IngestConfig, PublishConfig, load_config
 from inspector.decode import encode_jpeg, encode_png
-from inspector.metrics import HealthServer, WorkerMetrics
+from inspector.worker.metrics import HealthServer, WorkerMetrics
 from inspector.security import curve_client_configurer, peer_limits
 from inspector.tools.tail import Tail
 from inspector.wire import CHANNELS, ENCODINGS, Result
-from inspector.worker import Worker
+from inspector.worker.loop import Worker
 
 from .conftest import REPO, RedisServer
 from .test_faults import LINE, PREFIX, SERVED, Client, WorkerProcess, copy_banks, wait_until

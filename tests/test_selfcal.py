@@ -16,11 +16,12 @@ from inspector.banks.normal import calibrated
 from inspector.banks.register import (ShotImage, extract, raw_scores_against, read_shots, register_features,
                                       register_product)
 from inspector.banks.watcher import build_snapshot
-from inspector.calibration import LineCalibration
+from inspector.worker.calibration import LineCalibration
 from inspector.cli import main
 from inspector.config import CalibrationConfig, load_config
-from inspector.engine import Engine, EngineSettings, bank_capacity
-from inspector.metrics import WorkerMetrics
+from inspector.worker.engine import Engine, EngineSettings
+from inspector.model.bank import bank_capacity
+from inspector.worker.metrics import WorkerMetrics
 from inspector.model import InspectionModel, ModelConfig, load_backbone_weights
 
 from .conftest import REAL_DATA, REAL_WEIGHTS, free_port, require_real, tiny_config

@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 import redis
 
-from inspector.metrics import WorkerMetrics
-from inspector.publish import StreamWriter
+from inspector.worker.metrics import WorkerMetrics
+from inspector.worker.publish import StreamWriter
 from inspector.tools.reconcile import read_result_stream
 from inspector.wire import Result
 

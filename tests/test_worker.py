@@ -26,7 +26,7 @@ from inspector.config import load_config
 from inspector.decode import encode_jpeg
 from inspector.model import InspectionModel
 from inspector.wire import FrameHeader, Result, encode_frame
-from inspector.worker import Worker
+from inspector.worker.loop import Worker
 
 from .conftest import REPO, free_port, tiny_config
 

@@ -97,7 +97,7 @@ def engine_throughput(artifact: Path, store_url: str, line: str, batch: int, dev
     """The engine's own throughput at ``batch`` on the line's registered banks (median of repeats)."""
     from inspector.artifact import load_artifact
     from inspector.banks import BankWatcher, open_store
-    from inspector.engine import Engine, EngineSettings
+    from inspector.worker.engine import Engine, EngineSettings
 
     model, card = load_artifact(artifact)
     engine = Engine(model, card, EngineSettings(device=device))
@@ -160,7 +160,7 @@ def random_snapshot(model: InspectionModel, products: int):
     """A bank snapshot of ``products`` products of random features at the model's full capacity."""
     from inspector.banks import build_snapshot
     from inspector.banks.record import BankMeta
-    from inspector.engine import bank_capacity
+    from inspector.model.bank import bank_capacity
     from inspector.model import build_bank
 
     banks = {}

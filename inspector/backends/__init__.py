@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model.bank import BANK_DTYPE
-from . import eager, onnx, tensorrt
+from ..backends import eager, onnx, tensorrt
 from .common import CompileError, dynamic_shapes, example_inputs
 
 __all__ = ["BACKENDS", "Backend", "CompileError", "ProgramKey", "Runner", "backend", "default_program_path",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 from ..model import InspectionModel
-from ..model.bank import BANK_DTYPE, ProductBank, stack_banks
+from ..model.bank import BANK_DTYPE, ProductBank, bank_capacity, stack_banks
 
 
 class CompileError(RuntimeError):
@@ -22,8 +22,6 @@ def example_inputs(model: InspectionModel, batch: int, products: int, seed: int 
     Every product's bank is its own random unit vectors (and prototype), so routing has a clear
     winner: products with equal prototypes would tie, and runtimes may break ties differently.
     """
-    from ..engine import bank_capacity
-
     gen = torch.Generator().manual_seed(seed)
     size = model.input_size
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)

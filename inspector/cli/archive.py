@@ -1,4 +1,4 @@
-"""``inspector archive list|show|export``: read a line's failed-frame archive (``inspector.archive``)."""
+"""``inspector archive list|show|export``: read a line's failed-frame archive (``inspector.worker.archive``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def add_archive_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from ..archive import export_entries, find_entry, list_entries
+    from ..worker.archive import export_entries, find_entry, list_entries
 
     root = Path(args.dir)
     if not root.is_dir():

@@ -140,7 +140,7 @@ def _add(args, cfg, store) -> int:
     from ..banks.register import read_shots, register_product
 
     from ..banks.watcher import over_capacity
-    from ..engine import bank_capacity, bank_vectors
+    from ..model.bank import bank_capacity, bank_vectors
     from ..model.bank import describe_coreset, level_caps
 
     t0 = time.perf_counter()
@@ -197,7 +197,7 @@ def _refuse_over_capacity(over, capacity, card_images: int) -> None:
 
 def _archived_frames(args) -> list:
     """The archived model inputs of ``--archived`` frame ids, each checked to be this product's."""
-    from ..archive import FRAME_FILE, find_entry
+    from ..worker.archive import FRAME_FILE, find_entry
     from ..banks import BankError
 
     if not args.good and not args.archived:

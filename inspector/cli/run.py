@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_STARTUP_FAILED
     configure_logging(cfg.log)
     log = get_logger("inspector.run", line=cfg.line)
-    from ..worker import Worker
+    from ..worker.loop import Worker
 
     worker = Worker(cfg)
     try:

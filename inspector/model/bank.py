@@ -274,3 +274,16 @@ def _best_match(queries: torch.Tensor, bank: torch.Tensor, chunk: int) -> tuple[
             best_sim = torch.where(better, sim, best_sim)
             best_idx = torch.where(better, idx, best_idx)
     return best_sim, best_idx
+
+
+def bank_vectors(model, images: int, coreset) -> tuple[int, ...]:
+    """Vectors per level (``model`` an ``InspectionModel``: its ``grids``) of a bank of ``images`` images under ``coreset``: every position, or the
+    level's cap."""
+    full = [images * h * w for h, w in model.grids]
+    return tuple(min(f, cap) if cap else f for f, cap in zip(full, level_caps(coreset, len(full))))
+
+
+def bank_capacity(model) -> tuple[int, ...]:
+    """Vectors per level a bank may hold: every position of the bank's most ``images``, or the
+    coreset cap of that level."""
+    return bank_vectors(model, model.cfg.bank.images, model.cfg.bank.coreset)

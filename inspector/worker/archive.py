@@ -39,8 +39,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import structlog
 
-from .decode import encode_heatmap, encode_png
-from .wire import FAIL, PASS, Result
+from ..decode import encode_heatmap, encode_png
+from ..wire import FAIL, PASS, Result
 
 RESULT_FILE, FRAME_FILE, HEATMAP_FILE = "result.json", "frame.png", "heatmap.png"
 TMP_PREFIX = ".tmp-"

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from .config import HttpConfig
-from .logs import get_logger
+from ..config import HttpConfig
+from ..logs import get_logger
 
 STAGES = ("queue", "decode", "infer", "post", "total")
 MS_PER_S = 1000.0
@@ -220,7 +220,7 @@ class HealthServer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._log = get_logger(__name__)
-        self.live: Any = None  # an inspector.live.LiveState once the worker has one: serves the page
+        self.live: Any = None  # an inspector.worker.live.LiveState once the worker has one: serves the page
 
     @property
     def port(self) -> int:

@@ -31,17 +31,18 @@ import structlog
 import torch
 import zmq
 
-from .artifact import load_artifact
-from .banks import BankSnapshot, BankWatcher, RedisStore, build_snapshot, open_configured_store
-from .banks.record import BankMeta
+from ..artifact import load_artifact
+from ..banks import BankSnapshot, BankWatcher, RedisStore, build_snapshot, open_configured_store
+from ..banks.record import BankMeta
 from .batcher import FrameQueue, Job
-from .config import WorkerConfig, redacted
-from .engine import Engine, EngineSettings, bank_capacity
+from ..config import WorkerConfig, redacted
+from .engine import Engine, EngineSettings
+from ..model.bank import bank_capacity
 from .metrics import HealthServer, WorkerMetrics
-from .model.bank import build_bank
+from ..model.bank import build_bank
 from .notify import Notifier
 from .publish import Outgoing, Publisher, StreamWriter
-from .wire import (DEADLINE_EXCEEDED, DECODE_FAILED, DROPPED, ENGINE_ERROR, ERROR, MIB, OVERLOAD, SHUTDOWN, TIMEOUT,
+from ..wire import (DEADLINE_EXCEEDED, DECODE_FAILED, DROPPED, ENGINE_ERROR, ERROR, MIB, OVERLOAD, SHUTDOWN, TIMEOUT,
                    Latency, Result, WireError)
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class Worker:
         self.queue = FrameQueue(cfg.ingest.queue_size, cfg.ingest.overload)
         self.pool = ThreadPoolExecutor(cfg.ingest.decode_workers, thread_name_prefix="decode")
         self.stream = self._stream()
-        from .security import curve_configurer  # CURVE keys, when configured
+        from ..security import curve_configurer  # CURVE keys, when configured
 
         server_side = curve_configurer(cfg.ingest, self.context)
         self.archive = self._archive()
@@ -196,7 +197,7 @@ class Worker:
 
     def _confirm_good(self, product: str, raw_score: float, bank_version: int) -> dict:
         """The live page's "this part is good": the frame's raw score joins the product's statistics."""
-        from .banks.feedback import confirm_good
+        from ..banks.feedback import confirm_good
         from .live import FeedbackError
 
         snap = self.watcher.snapshot
@@ -388,7 +389,7 @@ class Worker:
         self.store.close()
         if self.health is not None:
             self.health.stop()
-        from .security import stop_authenticators
+        from ..security import stop_authenticators
 
         stop_authenticators(self.context)  # a running ZAP handler would keep term() waiting forever
         self.context.term()

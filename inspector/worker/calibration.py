@@ -29,16 +29,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .banks.growth import BankGrowth, GrowthConfig, grow_bank
-from .banks.normal import NormalStats, StreamCalibrator, StreamConfig
-from .banks.record import BankError, BankMeta, content_digest, encode_bank
-from .banks.register import extract
-from .banks.stores import BankStore, StoreError
-from .banks.watcher import BankSnapshot
-from .config import CalibrationConfig
+from ..banks.growth import BankGrowth, GrowthConfig, grow_bank
+from ..banks.normal import NormalStats, StreamCalibrator, StreamConfig
+from ..banks.record import BankError, BankMeta, content_digest, encode_bank
+from ..banks.register import extract
+from ..banks.stores import BankStore, StoreError
+from ..banks.watcher import BankSnapshot
+from ..config import CalibrationConfig
 from .engine import Scored
 from .metrics import WorkerMetrics
-from .wire import ANOMALY
+from ..wire import ANOMALY
 
 
 def stream_config(cfg: CalibrationConfig) -> StreamConfig:

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .wire import FrameHeader
+from ..wire import FrameHeader
 
 OVERLOAD_POLICIES = ("drop_oldest", "drop_newest", "block")
 

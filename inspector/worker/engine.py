@@ -14,13 +14,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .artifact import ModelCard
-from .backends import ProgramKey, backend, make_runner, runtime_version
-from .banks.watcher import BankSnapshot
-from .model import InspectionModel, verdicts
-from .model.bank import level_caps
-from .model.config import CALIBRATION_MODES
-from .wire import ANOMALY, NO_PRODUCTS, UNKNOWN_PRODUCT
+from ..artifact import ModelCard
+from ..backends import ProgramKey, backend, make_runner, runtime_version
+from ..banks.watcher import BankSnapshot
+from ..model import InspectionModel, verdicts
+from ..model.bank import bank_capacity
+from ..model.config import CALIBRATION_MODES
+from ..wire import ANOMALY, NO_PRODUCTS, UNKNOWN_PRODUCT
 
 
 @dataclass(frozen=True)
@@ -37,19 +37,6 @@ class EngineSettings:
     compiled: str = ""
     batch_sizes: tuple[int, ...] = (1,)
     products: int | None = None  # bank rows the engine is given (capacity_products)
-
-
-def bank_vectors(model: InspectionModel, images: int, coreset) -> tuple[int, ...]:
-    """Vectors per level of a bank of ``images`` images under ``coreset``: every position, or the
-    level's cap."""
-    full = [images * h * w for h, w in model.grids]
-    return tuple(min(f, cap) if cap else f for f, cap in zip(full, level_caps(coreset, len(full))))
-
-
-def bank_capacity(model: InspectionModel) -> tuple[int, ...]:
-    """Vectors per level a bank may hold: every position of the bank's most ``images``, or the
-    coreset cap of that level."""
-    return bank_vectors(model, model.cfg.bank.images, model.cfg.bank.coreset)
 
 
 @dataclass(frozen=True)

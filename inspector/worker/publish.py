@@ -22,10 +22,10 @@ import numpy as np
 import structlog
 import zmq
 
-from .decode import encode_heatmap
-from .keys import heartbeat_key, results_key
+from ..decode import encode_heatmap
+from ..keys import heartbeat_key, results_key
 from .metrics import WorkerMetrics
-from .wire import FAIL, HeatmapInfo, Latency, Result
+from ..wire import FAIL, HeatmapInfo, Latency, Result
 
 if TYPE_CHECKING:
     from .archive import Archive

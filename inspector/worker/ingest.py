@@ -18,9 +18,9 @@ import numpy as np
 import zmq
 
 from .batcher import FrameQueue, Job
-from .config import IngestConfig
-from .decode import prepare_frame
-from .wire import FrameHeader, WireError, WireLimits, parse_frame
+from ..config import IngestConfig
+from ..decode import prepare_frame
+from ..wire import FrameHeader, WireError, WireLimits, parse_frame
 
 RECV_POLL_MS = 100  # bounds how long a stop request waits for the ingest thread
 BLOCK_RETRY_S = 0.1  # with the "block" policy, re-check for shutdown this often while the queue is full

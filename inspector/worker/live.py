@@ -6,7 +6,7 @@ last ``recent_failed`` failed frames (their model input and calibrated map; PNGs
 when a browser asks, on the HTTP thread, never on the publisher's). The publisher hands it every
 result after the result is out (``observe``), so the page never delays or costs a result.
 
-Routes (``inspector.metrics.HealthServer``): ``GET /`` the page (plain HTML and a script that
+Routes (``inspector.worker.metrics.HealthServer``): ``GET /`` the page (plain HTML and a script that
 polls ``/live/state.json`` every second: no front-end build), ``GET /live/state.json``,
 ``GET /live/frames/<frame_id>/frame.png`` and ``.../overlay.png``, and ``POST /live/feedback``
 with ``{"frame_id": ...}``: "this part is good". Feedback is refused (403) unless the line config
@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .decode import encode_png, heat_overlay
-from .wire import FAIL, PASS, Result
+from ..decode import encode_png, heat_overlay
+from ..wire import FAIL, PASS, Result
 
 SECONDS_PER_MINUTE = 60
 LATENCIES_KEPT = 2000  # end-to-end latencies behind the page's percentiles
