@@ -354,3 +354,15 @@ def test_config_and_wire_share_every_limit_and_the_line_pattern() -> None:
         load(line="a" * 65)
     with pytest.raises(ConfigError, match="line"):
         load(line="3.1")  # a dot would let the subscription prefix of line 3 match line 3.1
+
+
+def test_config_offers_exactly_the_backends_and_calibrations_the_runtime_has() -> None:
+    """The config checks ``engine.backend`` and ``engine.calibration`` without importing the model
+    (it stays light for the client tools); its lists must be the backend registry's and the
+    model's calibration modes, or a config could accept a value the engine then refuses."""
+    import inspector.config as config
+    from inspector.backends import BACKENDS
+    from inspector.model.config import CALIBRATION_MODES
+
+    assert config.BACKENDS == tuple(BACKENDS)
+    assert config.CALIBRATIONS == CALIBRATION_MODES

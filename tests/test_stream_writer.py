@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from inspector.worker.metrics import WorkerMetrics
-from inspector.worker.publish import StreamWriter
+from inspector.worker.stream import StreamWriter
 from inspector.tools.reconcile import read_result_stream
 from inspector.wire import Result
 

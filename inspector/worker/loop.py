@@ -41,7 +41,8 @@ from ..model.bank import bank_capacity
 from .metrics import HealthServer, WorkerMetrics
 from ..model.bank import build_bank
 from .notify import Notifier
-from .publish import Outgoing, Publisher, StreamWriter
+from .publish import Outgoing, Publisher
+from .stream import StreamWriter
 from ..wire import (DEADLINE_EXCEEDED, DECODE_FAILED, DROPPED, ENGINE_ERROR, ERROR, MIB, OVERLOAD, SHUTDOWN, TIMEOUT,
                    Latency, Result, WireError)
 
@@ -219,11 +220,12 @@ class Worker:
     # -- results ---------------------------------------------------------------------------
     def _result(self, job: Job, verdict: str, reason: str | None, snapshot: BankSnapshot | None = None,
                 **fields: Any) -> Result:
-        """A job's result; ``snapshot`` is the bank the frame was scored against (default: the current)."""
+        """A job's result; ``snapshot`` is the bank the frame was scored against (default: the current).
+        The publisher finishes it (``done_ns``, the post and total latencies) when it is sent."""
         h = job.header
         epoch = wire_epoch(snapshot if snapshot is not None else self.watcher.snapshot)
         return Result(frame_id=h.frame_id, camera=h.camera, line=self.cfg.line, verdict=verdict, reason=reason,
-                      model=self.card.model_id, bank_epoch=epoch, ts_ns=h.ts_ns, done_ns=time.time_ns(), **fields)
+                      model=self.card.model_id, bank_epoch=epoch, ts_ns=h.ts_ns, done_ns=0, **fields)
 
     def _reject(self, err: WireError, recv_ns: int) -> None:
         result = Result.for_error(err, self.cfg.line, self.card.model_id, wire_epoch(self.watcher.snapshot), recv_ns)
