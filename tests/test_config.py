@@ -366,3 +366,17 @@ def test_config_offers_exactly_the_backends_and_calibrations_the_runtime_has() -
 
     assert config.BACKENDS == tuple(BACKENDS)
     assert config.CALIBRATIONS == CALIBRATION_MODES
+
+
+def test_engine_settings_take_the_engine_config_field_by_field() -> None:
+    """The worker builds its engine from ``[engine]`` by field name, not position: every value set
+    in the config reaches the engine."""
+    from inspector.config import EngineConfig
+    from inspector.worker.engine import EngineSettings
+
+    e = EngineConfig(artifact="m", device="cpu", precision="fp32", backend="onnx", compiled="p.onnx", threshold=1.5,
+                     min_route_similarity=0.5, calibration="bank", threads=3)
+    s = EngineSettings.from_config(e, (1, 4), 16)
+    assert (s.device, s.backend, s.compiled, s.threshold, s.min_route_similarity, s.calibration, s.threads) == \
+        ("cpu", "onnx", "p.onnx", 1.5, 0.5, "bank", 3)
+    assert s.batch_sizes == (1, 4) and s.products == 16

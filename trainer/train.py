@@ -57,19 +57,7 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     model = InspectionModel(model_cfg)
     weights_sha = load_backbone_weights(model.backbone, cfg.weights) if cfg.weights else None
-    classes = prepare_sources(
-        model, cfg.data, cfg.classes, cfg.images_per_class, cfg.holdout_fraction,
-        cfg.anomalies_per_image, cfg.real_anomalies, cfg.seed, progress, views=cfg.source_views,
-    )
-    if cfg.synthetic_sources:
-        root = generate_dataset(
-            workdir / "synthetic", classes=cfg.synthetic_sources, n_train=cfg.images_per_class,
-            n_test_good=0, n_test_defect=0, size=model.input_size, seed=cfg.seed, overwrite=True,
-        )
-        classes += prepare_sources(
-            model, root, cfg.synthetic_sources, cfg.images_per_class, cfg.holdout_fraction,
-            cfg.anomalies_per_image, False, cfg.seed, progress,
-        )
+    classes = _sources(model, cfg, workdir, progress)
     t_prep = time.perf_counter() - t0
     selection = None
     if cfg.select_scoring:
@@ -93,7 +81,42 @@ def train(
     model.cfg = dataclasses.replace(
         model_cfg, score=dataclasses.replace(model_cfg.score, threshold=thresholds[mode])
     )
-    training = {
+    seconds = {"prepare": round(t_prep, 1), "flows": round(stage1["seconds"], 1), "cada": round(t3 - t2, 1),
+               "threshold": round(t4 - t3, 1), "total": round(time.perf_counter() - t0, 1)}
+    training = _record(cfg, classes, held, thresholds, model_cfg, stage1, stage2, selection, seconds)
+    card = save_artifact(
+        model, out, weights_sha,
+        false_reject_rate=cfg.calibration.target_false_reject_rate,
+        training=training,
+    )
+    (workdir / "training_summary.json").write_text(json.dumps(training, indent=2))
+    return card
+
+
+def _sources(model: InspectionModel, cfg: TrainConfig, workdir: Path, progress: bool) -> list:
+    """The source classes' material (``prepare_sources``), plus generated ones when asked for."""
+    classes = prepare_sources(
+        model, cfg.data, cfg.classes, cfg.images_per_class, cfg.holdout_fraction,
+        cfg.anomalies_per_image, cfg.real_anomalies, cfg.seed, progress, views=cfg.source_views,
+    )
+    if cfg.synthetic_sources:
+        root = generate_dataset(
+            workdir / "synthetic", classes=cfg.synthetic_sources, n_train=cfg.images_per_class,
+            n_test_good=0, n_test_defect=0, size=model.input_size, seed=cfg.seed, overwrite=True,
+        )
+        classes += prepare_sources(
+            model, root, cfg.synthetic_sources, cfg.images_per_class, cfg.holdout_fraction,
+            cfg.anomalies_per_image, False, cfg.seed, progress,
+        )
+    return classes
+
+
+def _record(cfg: TrainConfig, classes: list, held: dict, thresholds: dict, model_cfg: ModelConfig, stage1: dict,
+            stage2: dict, selection: dict | None, seconds: dict) -> dict:
+    """What the model card records of the training run."""
+    mode = model_cfg.score.calibration
+    rate, rule = cfg.calibration.target_false_reject_rate, cfg.calibration.threshold_rule
+    return {
         "source_classes": [c.name for c in classes],
         "data_digest": data_digest(cfg.data, cfg.classes),
         "config": json.loads(json.dumps(asdict(cfg))),
@@ -115,19 +138,8 @@ def train(
         "scoring": {"shipped": model_cfg.score.scoring,
                     "selection": selection or "not run: the scoring was given (inspector train --scoring)"},
         "cada": stage2,
-        "seconds": {
-            "prepare": round(t_prep, 1), "flows": round(stage1["seconds"], 1),
-            "cada": round(t3 - t2, 1), "threshold": round(t4 - t3, 1),
-            "total": round(time.perf_counter() - t0, 1),
-        },
+        "seconds": seconds,
     }
-    card = save_artifact(
-        model, out, weights_sha,
-        false_reject_rate=cfg.calibration.target_false_reject_rate,
-        training=training,
-    )
-    (workdir / "training_summary.json").write_text(json.dumps(training, indent=2))
-    return card
 
 
 def parse_views(text: str) -> tuple[str, ...]:

@@ -236,14 +236,7 @@ def register_product(
         min_images: fewest distinct images accepted (default ``bank_images``; at least 2).
     """
     check_name("product", product)
-    need = max(2, bank_images if min_images is None else min_images)
-    if bank_images < 2:
-        raise BankError("too_few_shots", f"a bank needs at least 2 images, asked for {bank_images}")
-    images, duplicates = distinct_images(images)
-    if len(images) < need:
-        raise BankError("too_few_images", f"{len(images)} distinct good images, fewer than the {need} a product needs"
-                        + (f" ({len(duplicates)} duplicates left out)" if duplicates else "")
-                        + f": give at least {need}, and 30 or more for trustworthy normal statistics")
+    images, duplicates = _enough_distinct(images, bank_images, min_images)
     say = progress or (lambda _msg: None)
     if duplicates:
         say(f"{len(duplicates)} duplicate images (same content) counted once: "
@@ -276,3 +269,17 @@ def register_product(
         normal={**normal.summary(), **product_bank.scored, "scores": normal.registration},
     )
     return Registration(bank, meta, tuple(im.name for im in chosen), tuple(duplicates))
+
+
+def _enough_distinct(images: Sequence[ShotImage], bank_images: int,
+                     min_images: int | None) -> tuple[list[ShotImage], list[tuple[str, str]]]:
+    """The distinct images and the duplicates left out; BankError when fewer than a product needs."""
+    need = max(2, bank_images if min_images is None else min_images)
+    if bank_images < 2:
+        raise BankError("too_few_shots", f"a bank needs at least 2 images, asked for {bank_images}")
+    images, duplicates = distinct_images(images)
+    if len(images) < need:
+        raise BankError("too_few_images", f"{len(images)} distinct good images, fewer than the {need} a product needs"
+                        + (f" ({len(duplicates)} duplicates left out)" if duplicates else "")
+                        + f": give at least {need}, and 30 or more for trustworthy normal statistics")
+    return images, duplicates

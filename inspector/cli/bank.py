@@ -25,17 +25,16 @@ def coreset_arg(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def add_bank_parser(sub: argparse._SubParsersAction) -> None:
-    bank = sub.add_parser("bank", help="manage a line's reference banks (products)")
-    cmds = bank.add_subparsers(dest="bank_command", required=True)
+def _common(p: argparse.ArgumentParser, product: bool = True) -> None:
+    """The arguments every ``bank`` subcommand takes: the line, the product, where the banks are."""
+    p.add_argument("--line", required=True, help="line name, e.g. 3")
+    if product:
+        p.add_argument("--product", required=True, help="product name: letters, digits, _ . -")
+    p.add_argument("--store", help="redis://host:port/db, rediss://..., or file:///dir (default: the line's config)")
+    p.add_argument("--config", help="line config TOML (default /etc/inspector/line<L>.toml when present)")
 
-    def common(p: argparse.ArgumentParser, product: bool = True) -> None:
-        p.add_argument("--line", required=True, help="line name, e.g. 3")
-        if product:
-            p.add_argument("--product", required=True, help="product name: letters, digits, _ . -")
-        p.add_argument("--store", help="redis://host:port/db, rediss://..., or file:///dir (default: the line's config)")
-        p.add_argument("--config", help="line config TOML (default /etc/inspector/line<L>.toml when present)")
 
+def _add_add_parser(cmds: argparse._SubParsersAction) -> None:
     p = cmds.add_parser(
         "add", help="register a product from its good images (30 or more recommended)",
         description="Register a product from its good images. Up to --bank-images of them (the most diverse "
@@ -44,7 +43,7 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
                     "measure the product's normal score statistics, which put it on the line's one threshold "
                     "scale. Give 30 to 64 good images: more images in the bank find more defects, and with "
                     "fewer than 30 the statistics are uncertain until the stream or feedback has refined them.")
-    common(p)
+    _common(p)
     p.add_argument("images", nargs="+", help="image files or folders of good images (30 or more recommended)")
     p.add_argument("--bank-images", type=int, help="most images kept in the bank (default: the model's, 64)")
     p.add_argument("--shots", type=int, help="fewest distinct good images accepted (default: the model's, 4)")
@@ -54,12 +53,17 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifact", help="model artifact (default: the line config's engine.artifact)")
     p.add_argument("--seed", type=int, default=0)
 
+
+def add_bank_parser(sub: argparse._SubParsersAction) -> None:
+    bank = sub.add_parser("bank", help="manage a line's reference banks (products)")
+    cmds = bank.add_subparsers(dest="bank_command", required=True)
+    _add_add_parser(cmds)
     p = cmds.add_parser("list", help="products registered on a line")
-    common(p, product=False)
+    _common(p, product=False)
     p.add_argument("--json", action="store_true")
 
     p = cmds.add_parser("show", help="one product's bank: shots, version, size, signature, statistics")
-    common(p)
+    _common(p)
     p.add_argument("--version", type=int, help="a stored version (default: the active one)")
     p.add_argument("--json", action="store_true")
 
@@ -68,7 +72,7 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
         description="Score images an operator confirmed good against the product's bank and add them to its "
                     "normal set; its statistics are measured again and every worker on the line serves them "
                     "within one bank poll, without retraining or a restart.")
-    common(p)
+    _common(p)
     p.add_argument("--good", nargs="+", default=[], help="image files or folders of confirmed-good parts")
     p.add_argument("--archived", nargs="+", default=[], metavar="FRAME_ID",
                    help="frames from the failed-frame archive an operator confirmed good (with --archive-dir)")
@@ -76,15 +80,15 @@ def add_bank_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifact", help="model artifact (default: the line config's engine.artifact)")
 
     p = cmds.add_parser("remove", help="stop inspecting a product on a line")
-    common(p)
+    _common(p)
 
     p = cmds.add_parser("export", help="write a product's bank to a portable file")
-    common(p)
+    _common(p)
     p.add_argument("--out", required=True, help="file to write (.bank)")
     p.add_argument("--version", type=int)
 
     p = cmds.add_parser("import", help="register a product from an exported bank file")
-    common(p, product=False)
+    _common(p, product=False)
     p.add_argument("file", help="an exported .bank file")
     p.add_argument("--product", help="register under this name (default: the name in the file)")
     p.add_argument("--artifact", help="check the bank against this model before importing")

@@ -7,7 +7,7 @@ passed per call, so a bank swap takes effect between two batches and never insid
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +37,13 @@ class EngineSettings:
     compiled: str = ""
     batch_sizes: tuple[int, ...] = (1,)
     products: int | None = None  # bank rows the engine is given (capacity_products)
+
+    @classmethod
+    def from_config(cls, engine, batch_sizes: tuple[int, ...], products: int | None) -> "EngineSettings":
+        """The settings of a line config's ``[engine]`` (``inspector.config.EngineConfig``), field by
+        field by name, with the batch sizes to warm up and the bank rows the engine is given."""
+        names = {f.name for f in fields(cls)} - {"batch_sizes", "products"}
+        return cls(**{n: getattr(engine, n) for n in names}, batch_sizes=batch_sizes, products=products)
 
 
 @dataclass(frozen=True)

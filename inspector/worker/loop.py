@@ -99,9 +99,7 @@ class Worker:
         model, card = load_artifact(cfg.engine.artifact)
         e = cfg.engine
         sizes = tuple(sorted(set(e.batch_sizes) | {cfg.batch.max_batch}))
-        self.engine = Engine(model, card, EngineSettings(
-            e.device, e.precision, e.calibration, e.threshold, e.min_route_similarity, e.threads, e.backend,
-            e.compiled, sizes, cfg.banks.capacity_products))
+        self.engine = Engine(model, card, EngineSettings.from_config(e, sizes, cfg.banks.capacity_products))
         self.card = card
         self.metrics.set_info(cfg.line, card.model_id)
         self.log = self.log.bind(model=card.model_id)
