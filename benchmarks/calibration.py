@@ -156,6 +156,34 @@ def draw_scores(model: InspectionModel, args: argparse.Namespace, d: int, t0: fl
     return scores
 
 
+def markdown(result: dict, table: dict, held_rows: dict, args) -> list[str]:
+    """The comparison as Markdown lines (written beside the JSON)."""
+    lines = [f"# Normal statistics compared (training-free distance, {len(CLASSES)} classes, "
+             f"{args.draws} draws, {args.test_per_class} test images per class, LOCO FRR target {args.frr:.0%})",
+             "", f"commit {result['commit']}, {result['machine']['cpu']}, {result['date']}", "",
+             "LOCO: each class in turn unseen, the line threshold at the target on the other classes' normal",
+             "samples. Escape excess: the class's escape rate at that threshold minus its escape at its own",
+             "threshold at the target rate (the target oracle); mean over classes and the worst class.", "",
+             "| normalisation (N good images) | per-class | mixed | gap (pts) | LOCO FRR mean | LOCO FRR worst class "
+             "| escape | target-oracle escape | escape excess mean | escape excess worst |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        lines.append(f"| {name} | {r['per_class']:.3f} | {r['mixed']:.3f} | {100 * r['gap']:+.1f} | "
+                     f"{100 * r['loco_frr']:.1f}% | {100 * r['loco_frr_max']:.1f}% | {100 * r['escape']:.1f}% | "
+                     f"{100 * r['target_oracle_escape']:.1f}% | {100 * r['excess_escape']:+.1f} | "
+                     f"{100 * r['excess_escape_max']:+.1f} |")
+    lines += ["", "## The line threshold placed on held-out good images (as `inspector train` places it)", "",
+              f"Each class's statistics from its first N good images; the threshold at {args.frr:.0%} false rejects on "
+              f"the other classes' good images {HELD_OUT.start}-{HELD_OUT.stop - 1} (never in a normal sample), "
+              "calibrated by their own class's statistics; applied to this class's test images.", "",
+              "| normalisation (N good images) | FRR mean | FRR worst class | escape excess mean | escape excess worst |",
+              "|---|---|---|---|---|"]
+    for name, r in held_rows.items():
+        lines.append(f"| {name} | {100 * r['held_frr']:.1f}% | {100 * r['held_frr_max']:.1f}% | "
+                     f"{100 * r['held_excess']:+.1f} | {100 * r['held_excess_max']:+.1f} |")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/industrial")
@@ -199,29 +227,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Normal statistics compared (training-free distance, {len(CLASSES)} classes, "
-             f"{args.draws} draws, {args.test_per_class} test images per class, LOCO FRR target {args.frr:.0%})",
-             "", f"commit {result['commit']}, {result['machine']['cpu']}, {result['date']}", "",
-             "LOCO: each class in turn unseen, the line threshold at the target on the other classes' normal",
-             "samples. Escape excess: the class's escape rate at that threshold minus its escape at its own",
-             "threshold at the target rate (the target oracle); mean over classes and the worst class.", "",
-             "| normalisation (N good images) | per-class | mixed | gap (pts) | LOCO FRR mean | LOCO FRR worst class "
-             "| escape | target-oracle escape | escape excess mean | escape excess worst |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in table.items():
-        lines.append(f"| {name} | {r['per_class']:.3f} | {r['mixed']:.3f} | {100 * r['gap']:+.1f} | "
-                     f"{100 * r['loco_frr']:.1f}% | {100 * r['loco_frr_max']:.1f}% | {100 * r['escape']:.1f}% | "
-                     f"{100 * r['target_oracle_escape']:.1f}% | {100 * r['excess_escape']:+.1f} | "
-                     f"{100 * r['excess_escape_max']:+.1f} |")
-    lines += ["", "## The line threshold placed on held-out good images (as `inspector train` places it)", "",
-              f"Each class's statistics from its first N good images; the threshold at {args.frr:.0%} false rejects on "
-              f"the other classes' good images {HELD_OUT.start}-{HELD_OUT.stop - 1} (never in a normal sample), "
-              "calibrated by their own class's statistics; applied to this class's test images.", "",
-              "| normalisation (N good images) | FRR mean | FRR worst class | escape excess mean | escape excess worst |",
-              "|---|---|---|---|---|"]
-    for name, r in held_rows.items():
-        lines.append(f"| {name} | {100 * r['held_frr']:.1f}% | {100 * r['held_frr_max']:.1f}% | "
-                     f"{100 * r['held_excess']:+.1f} | {100 * r['held_excess_max']:+.1f} |")
+    lines = markdown(result, table, held_rows, args)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -302,6 +302,17 @@ def judge(args, samples: list[dict], minutes: list[dict], accounting: dict) -> d
     return bars
 
 
+def account(redis_url: str, work: Path, sent, summary, exit_code: int, final_metrics: dict) -> dict:
+    """Every sent frame against the results received on the PUB socket and in the Redis stream."""
+    store = open_store(redis_url)
+    from_stream = reconcile(sent, read_result_stream(store.client, stream_key("inspector", LINE)))
+    store.close()
+    from_record = reconcile(sent, read_result_records([work / "results.jsonl"]))
+    return {"sent": summary.sent, "not_sent": summary.not_sent, "worker_exit_code": exit_code,
+            "results_record": _accounting(from_record), "redis_stream": _accounting(from_stream),
+            "stream_lost": final_metrics.get("stream_lost"), "dropped": final_metrics.get("dropped")}
+
+
 def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     (work / "redis").mkdir()
@@ -344,13 +355,7 @@ def run(args) -> dict:
         exit_code = proc.wait(STOP_TIMEOUT_S)
         receiver.stop.set()
         receiver.join()
-        store = open_store(redis.url)
-        from_stream = reconcile(sent, read_result_stream(store.client, stream_key("inspector", LINE)))
-        store.close()
-        from_record = reconcile(sent, read_result_records([work / "results.jsonl"]))
-        accounting = {"sent": summary.sent, "not_sent": summary.not_sent, "worker_exit_code": exit_code,
-                      "results_record": _accounting(from_record), "redis_stream": _accounting(from_stream),
-                      "stream_lost": final_metrics.get("stream_lost"), "dropped": final_metrics.get("dropped")}
+        accounting = account(redis.url, work, sent, summary, exit_code, final_metrics)
         minutes = per_minute(receiver.received, t0_ns)
         return {"engine": engine, "offered_fps": round(rate, 3), "achieved_send_fps": round(summary.rate_fps, 3),
                 "samples": monitor.samples, "events": events, "latency_per_minute": minutes,

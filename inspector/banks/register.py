@@ -248,10 +248,7 @@ def register_product(
         f"images (coreset {describe_coreset(coreset)}) and scoring {len(images)} images against banks that do not contain them")
     product_bank = register_features(model, product, feats, bank_images, coreset, seed, method)
     bank, normal, keep = product_bank.bank, product_bank.normal, product_bank.keep
-    if spread_is_floored(normal.u, normal.gamma) or sample_is_degenerate(normal.registration):
-        say(f"warning: the good images of {product} scored almost identically (copies of one part?): "
-            f"their tail was not measured (a spread floor of {MIN_SPREAD_FRACTION:.0%} of the typical score "
-            f"applies where the scale needs one); register from images of different parts")
+    _warn_if_alike(product, normal, say)
     chosen = [images[i] for i in keep]
     meta = BankMeta(
         product=product,
@@ -269,6 +266,14 @@ def register_product(
         normal={**normal.summary(), **product_bank.scored, "scores": normal.registration},
     )
     return Registration(bank, meta, tuple(im.name for im in chosen), tuple(duplicates))
+
+
+def _warn_if_alike(product: str, normal, say: Callable[[str], None]) -> None:
+    """Say so when the good images scored almost identically: their tail could not be measured."""
+    if spread_is_floored(normal.u, normal.gamma) or sample_is_degenerate(normal.registration):
+        say(f"warning: the good images of {product} scored almost identically (copies of one part?): "
+            f"their tail was not measured (a spread floor of {MIN_SPREAD_FRACTION:.0%} of the typical score "
+            f"applies where the scale needs one); register from images of different parts")
 
 
 def _enough_distinct(images: Sequence[ShotImage], bank_images: int,
