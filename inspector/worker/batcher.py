@@ -16,10 +16,11 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from ..wire import FrameHeader
+import numpy as np
+
+from ..wire import FrameHeader, Latency
 
 OVERLOAD_POLICIES = ("drop_oldest", "drop_newest", "block")
 
@@ -34,6 +35,9 @@ class Job:
         recv_s: monotonic receive time; deadlines and queue latency are measured from it.
         deadline_s: monotonic time after which the frame is a ``timeout`` when dequeued.
         decoded: the decode pool's future: ``(pixels, decode_ms)`` or a ``DecodeError``.
+        pixels: the model's input, once the worker has taken the decoded frame.
+        queue_ms: time from receipt to the worker taking the frame off the queue.
+        decode_ms: time its decode took (None until decoded).
     """
 
     header: FrameHeader
@@ -41,8 +45,13 @@ class Job:
     recv_s: float
     deadline_s: float
     decoded: Future | None = None
-    times: dict[str, float] = field(default_factory=dict)
-    extra: Any = None
+    pixels: np.ndarray | None = None
+    queue_ms: float = 0.0
+    decode_ms: float | None = None
+
+    def latency(self, infer_ms: float = 0.0) -> Latency:
+        """The stage times known when the frame leaves the engine (the publisher adds the rest)."""
+        return Latency(queue=round(self.queue_ms, 3), decode=round(self.decode_ms or 0.0, 3), infer=infer_ms)
 
 
 class FrameQueue:

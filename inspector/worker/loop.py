@@ -290,47 +290,46 @@ class Worker:
 
     def _process(self, batch: list[Job]) -> None:
         dequeued = time.monotonic()
-        live: list[tuple[Job, np.ndarray, float]] = []
+        live: list[Job] = []
         for job in batch:
-            queue_ms = 1000 * (dequeued - job.recv_s)
+            job.queue_ms = 1000 * (dequeued - job.recv_s)
             if dequeued > job.deadline_s:
                 if job.decoded is not None:
                     job.decoded.cancel()
-                self._emit(job, TIMEOUT, DEADLINE_EXCEEDED, Latency(queue=round(queue_ms, 3)))
+                self._emit(job, TIMEOUT, DEADLINE_EXCEEDED, job.latency())
                 continue
             try:
-                pixels, decode_ms = job.decoded.result()
+                job.pixels, job.decode_ms = job.decoded.result()
             except WireError as err:
-                self._emit(job, ERROR, err.reason, Latency(queue=round(queue_ms, 3)))
+                self._emit(job, ERROR, err.reason, job.latency())
                 continue
             except Exception as err:  # a decoder bug must cost one frame, not the worker
                 self.log.error("decode_crashed", frame_id=job.header.frame_id, error=repr(err))
-                self._emit(job, ERROR, DECODE_FAILED, Latency(queue=round(queue_ms, 3)))
+                self._emit(job, ERROR, DECODE_FAILED, job.latency())
                 continue
-            job.times = {"queue": queue_ms, "decode": decode_ms}
-            live.append((job, pixels, queue_ms))
+            live.append(job)
         if not live:
             return
         snapshot = self.watcher.snapshot
         t0 = time.monotonic()
         try:
-            scored = self.engine.infer(np.stack([p for _, p, _ in live]), [j.header.product for j, _, _ in live],
+            scored = self.engine.infer(np.stack([j.pixels for j in live]), [j.header.product for j in live],
                                        snapshot, maps=self.cfg.publish.heatmaps != "none",
                                        stats=self.calibration.stats_for(snapshot))
         except Exception as err:  # e.g. out of memory: fail this batch's frames loudly, keep serving
             self.log.error("engine_failed", batch=len(live), error=repr(err))
-            for job, _, queue_ms in live:
-                self._emit(job, ERROR, ENGINE_ERROR, Latency(queue=round(queue_ms, 3)))
+            for job in live:
+                self._emit(job, ERROR, ENGINE_ERROR, Latency(queue=round(job.queue_ms, 3)))
             return
         done = time.monotonic()
         infer_ms = round(1000 * (done - t0), 3)
         self.metrics.observe_batch(len(live))
-        self.calibration.observe(snapshot, scored, [p for _, p, _ in live])
-        for (job, pixels, _), s in zip(live, scored):
-            lat = Latency(queue=round(job.times["queue"], 3), decode=round(job.times["decode"], 3), infer=infer_ms)
+        self.calibration.observe(snapshot, scored, [j.pixels for j in live])
+        for job, s in zip(live, scored):
             result = self._result(job, s.verdict, s.reason, snapshot, score=s.score, threshold=self.engine.threshold,
-                                  product=s.product, route_similarity=s.route_similarity, latency_ms=lat)
-            self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done, pixels, s.raw_score,
+                                  product=s.product, route_similarity=s.route_similarity,
+                                  latency_ms=job.latency(infer_ms))
+            self.publisher.submit(Outgoing(result, s.heatmap, job.recv_s, done, job.pixels, s.raw_score,
                                            snapshot.versions.get(s.product) if s.product else None))
             self.processed += 1
 
