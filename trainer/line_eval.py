@@ -174,11 +174,7 @@ def simulate_growing_stream(
     current = {"bank": bank}
 
     def frame_feats(rows: Sequence[int]) -> list[torch.Tensor]:
-        parts = []
-        for level_good, level_defect in zip(good_feats, defect_feats):
-            parts.append(torch.stack([level_defect[order.index[r]] if order.defect[r] else level_good[order.index[r]]
-                                      for r in rows]))
-        return parts
+        return _stream_feats(order, good_feats, defect_feats, rows)
 
     def test_raw() -> np.ndarray:
         return raw_scores_against(model, test_feats, current["bank"])
@@ -195,10 +191,7 @@ def simulate_growing_stream(
     test = {"raw": test_raw()}
 
     def point(frames: int) -> dict[str, Any]:
-        s = calib.current(product)
-        r = metrics.rate_at_threshold(test_labels, calibrated(test["raw"], s.u, s.gamma), threshold)
-        return {"frames": frames, "frr": r["false_reject_rate"], "escape": r["escape_rate"],
-                "u": s.u, "gamma": s.gamma, "frozen": s.frozen, "bank_images": growth.images(product)}
+        return _trace_point(calib.current(product), test_labels, test["raw"], threshold, frames, growth.images(product))
 
     trace, growths, joined, rejected_good = [point(0)], [], [], 0
     for i, defect in enumerate(order.defect):
@@ -230,3 +223,18 @@ def simulate_growing_stream(
             "stream_frr": rejected_good / max(1, int((~order.defect).sum())),
             "bank_images": growth.images(product), "growths": growths, "joined": joined, "bank": current["bank"],
             "oracle_escape": own["oracle_escape"], "target_oracle_escape": own["target_oracle_escape"]}
+
+
+def _stream_feats(order: StreamOrder, good_feats: Sequence[torch.Tensor], defect_feats: Sequence[torch.Tensor],
+                  rows: Sequence[int]) -> list[torch.Tensor]:
+    """Per level, the features of the stream's frames at positions ``rows`` (good or defect)."""
+    return [torch.stack([level_defect[order.index[r]] if order.defect[r] else level_good[order.index[r]] for r in rows])
+            for level_good, level_defect in zip(good_feats, defect_feats)]
+
+
+def _trace_point(s: NormalStats, test_labels: np.ndarray, test_raw: np.ndarray, threshold: float, frames: int,
+                 bank_images: int) -> dict[str, Any]:
+    """The test set's rates under the product's current statistics, after ``frames`` frames."""
+    r = metrics.rate_at_threshold(test_labels, calibrated(test_raw, s.u, s.gamma), threshold)
+    return {"frames": frames, "frr": r["false_reject_rate"], "escape": r["escape_rate"],
+            "u": s.u, "gamma": s.gamma, "frozen": s.frozen, "bank_images": bank_images}
