@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from trainer.benchmark import engine_throughput, machine
+from trainer.benchmark import OFFLINE_WEIGHTS, engine_throughput, machine
 
 from inspector.artifact import load_artifact
 from inspector.testkit import RedisServer, default_artifact, free_port, wait_for_worker
@@ -61,7 +61,6 @@ from inspector.wire import Result
 from trainer.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO.parent / "shared" / "weights" / "resnet18-imagenet1k-l1-l3.safetensors"
 PRODUCTS = ("tiles", "rings")
 LINE = "1"
 FULL_RUN_MINUTES = 30  # the soak the bars are meant for; shorter runs are marked as such
@@ -111,7 +110,7 @@ def prepare(work: Path, size: int, redis_url: str) -> tuple[Path, Path]:
     """A model artifact and two products registered in Redis; returns (artifact, data root)."""
     data = generate_dataset(work / "data", classes=PRODUCTS, n_train=8, n_test_good=8, n_test_defect=8,
                             size=size, seed=0)
-    model, card = load_artifact(default_artifact(work / "model", size, WEIGHTS))
+    model, card = load_artifact(default_artifact(work / "model", size, OFFLINE_WEIGHTS))
     store = open_store(redis_url)
     for p in PRODUCTS:
         images = read_shots([data / p / "train" / "good"], model.input_size)

@@ -106,16 +106,24 @@ def default_artifact(path: Path, input_size: int | None = None, weights: Path | 
         weights: a pretrained backbone file, used when it exists (else random backbone weights).
         score: ``ScoreConfig`` fields to override.
     """
-    import torch
-
-    from .artifact import save_artifact
-    from .model import InspectionModel, ModelConfig, load_backbone_weights
+    from .model import ModelConfig
 
     cfg = ModelConfig()
     if input_size is not None:
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, input_size=input_size))
     if score:
         cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, **score))
+    return config_artifact(cfg, path, weights)
+
+
+def config_artifact(cfg: Any, path: Path, weights: Path | None = None) -> Path:
+    """Save a model of ``cfg`` (untrained flows and heads, seed 0) as an artifact at ``path``, with
+    the pretrained backbone ``weights`` when that file exists (else random backbone weights)."""
+    import torch
+
+    from .artifact import save_artifact
+    from .model import InspectionModel, load_backbone_weights
+
     torch.manual_seed(0)
     model = InspectionModel(cfg).eval()
     sha = load_backbone_weights(model.backbone, weights) if weights is not None and Path(weights).is_file() else None

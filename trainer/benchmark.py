@@ -195,14 +195,9 @@ def time_engine(engine, snap, batches, repeats: int) -> dict:
 
 def config_artifact(cfg, path: Path) -> str:
     """An artifact of ``cfg`` with the offline backbone (when present) and untrained heads."""
-    from inspector.artifact import save_artifact
-    from inspector.model import load_backbone_weights
+    from inspector.testkit import config_artifact as save
 
-    torch.manual_seed(0)
-    model = InspectionModel(cfg).eval()
-    sha = load_backbone_weights(model.backbone, OFFLINE_WEIGHTS) if OFFLINE_WEIGHTS.is_file() else None
-    save_artifact(model, path, sha)
-    return str(path)
+    return str(save(cfg, path, OFFLINE_WEIGHTS))
 
 
 def run_in_bf16(engine) -> None:

@@ -103,8 +103,9 @@ class Engine:
         self._bank_device: tuple[BankSnapshot, object] | None = None
         self.backend = settings.backend
         self.program = None
-        self.bank_dtype = backend(settings.backend).bank_dtype
-        if backend(settings.backend).suffix is not None:  # a saved program: checked against its key
+        spec = backend(settings.backend)
+        self.bank_dtype = spec.bank_dtype
+        if spec.suffix is not None:  # a saved program: checked against its key
             self.program, key = self._checked_program(settings)
             self.bank_dtype = getattr(torch, key.bank_dtype)
         self.runner = make_runner(settings.backend, self.model, self.calibration, self.program, str(self.device))
